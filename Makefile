@@ -1,0 +1,32 @@
+# Set-up and entry points. Every target installs what it needs from the project's own
+# files (a virtual environment in .venv, CPU torch pinned by constraints-cpu.txt), so a
+# fresh clone needs nothing installed by hand.
+#   make launch   run the main job on the embedded default (local emulated 2-node cluster)
+#   make test     run the whole test suite (starts and stops a real SLURM dev cluster)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install launch test slurm-packages clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[test]'
+	touch $(STAMP)
+
+launch: $(STAMP)
+	$(VENV)/bin/ringctl launch +topology=2node
+
+slurm-packages:
+	bash slurm/dev-cluster install
+
+test: $(STAMP) slurm-packages
+	bash tests/run.sh
+
+clean:
+	rm -rf $(VENV) outputs multirun runs .pytest_cache

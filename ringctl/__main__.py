@@ -1,0 +1,5 @@
+import sys
+
+from ringctl.cli import main
+
+sys.exit(main())
