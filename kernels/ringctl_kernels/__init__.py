@@ -1,0 +1,1 @@
+"""Triton block kernels for ring attention (see docs/internals.md)."""
