@@ -1,0 +1,232 @@
+"""What every task of a ringctl job runs (submitit pickles `run_job` and calls it per task).
+
+    torch.distributed from submitit's environment (gloo on CPU, NCCL on CUDA, timeout=)
+    -> node names all_gathered (SLURMD_NODENAME under SLURM, else the hostname)
+    -> Topology.discover -> make_plan (identical on every rank)
+    -> the workload -> results.json in the job folder, W&B from rank 0.
+
+The config arrives as a plain dict (resolved on the submitting side), so the job never
+re-runs Hydra and never depends on the submitting machine's working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_NAME = "results.json"
+
+
+def node_name() -> str:
+    """Where this rank really runs. Under SLURM the node's name (the dev cluster's nodes
+    all share the host's hostname), elsewhere the hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def link_kwargs(topology_cfg: Any) -> dict[str, Any]:
+    """The Topology fields that discovery cannot see (link classes, NICs, FLOP rate)."""
+    from ringctl.topology import Topology
+
+    base = Topology.from_config(topology_cfg)
+    return {
+        "intra": base.intra, "inter": base.inter,
+        "nics_per_node": base.nics_per_node, "compute_tflops": base.compute_tflops,
+    }
+
+
+def discover(topology_cfg: Any, names: list[str], virtual_node_size: int | None) -> Any:
+    """Topology of this run: the config's link classes, the ranks' real placement."""
+    from ringctl.topology import Topology
+
+    return Topology.discover(names, virtual_node_size=virtual_node_size, **link_kwargs(topology_cfg))
+
+
+def planned_topology(cfg: Any, res: Any) -> Any:
+    """The topology the job will discover, predicted before submission (for validation):
+    SLURM places ranks block-wise or cyclically over nodes; locally, virtual nodes."""
+    world = res.world_size
+    if res.virtual_node_size is not None:
+        names = ["localhost"] * world
+    elif cfg.topology.get("distribution") == "cyclic":
+        names = [f"node{r % res.nodes}" for r in range(world)]
+    else:
+        names = [f"node{r // res.ranks_per_node}" for r in range(world)]
+    return discover(cfg.topology, names, res.virtual_node_size)
+
+
+@dataclass
+class RunContext:
+    """What a workload gets on every rank (also what a custom entry point receives)."""
+
+    cfg: Any  # the whole job config (OmegaConf, attribute access)
+    rank: int
+    world_size: int
+    local_rank: int
+    device: Any  # torch.device
+    group: Any  # the torch.distributed process group of the ring
+    plan: Any  # RingPlan
+    topology: Any
+    node_names: list[str]
+    folder: Path  # the job folder
+    metrics: Any  # ringctl.metrics.Metrics (no-op on ranks other than 0)
+    ring_attention: Callable[..., Any] = field(repr=False, default=None)  # type: ignore[assignment]
+
+    @property
+    def position(self) -> int:
+        """This rank's position on the ring (which shard it holds)."""
+        return self.plan.position(self.rank)
+
+
+def _init_distributed(cfg: Any) -> tuple[Any, Any, int]:
+    """init_process_group from submitit's job environment; returns (device, env, timeout_s)."""
+    import submitit
+    import torch
+    import torch.distributed as dist
+
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    use_cuda = torch.cuda.is_available() and int(cfg.resources.gpus_per_node) > 0
+    if use_cuda:
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    _bind_gloo_nic(env.local_rank)
+    timeout_s = int(cfg.launcher.get("init_timeout_s", 120))
+    dist.init_process_group(
+        backend="nccl" if use_cuda else "gloo",
+        rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+    )
+    return device, env, timeout_s
+
+
+def _bind_gloo_nic(local_rank: int) -> None:
+    """On a fabric with one NIC per rank (slurm/dev-cluster --fabric ...,nics=L), the node
+    lists its NIC names in RINGCTL_NICS (comma-separated); rank l binds gloo to NIC l mod n."""
+    nics = [n for n in os.environ.get("RINGCTL_NICS", "").split(",") if n]
+    if nics and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = nics[local_rank % len(nics)]
+
+
+def _job_folder() -> Path:
+    import submitit
+
+    try:
+        return Path(str(submitit.JobEnvironment().paths.folder))
+    except RuntimeError:  # called outside submitit (tests, a plain torchrun)
+        return Path(os.environ.get("RINGCTL_JOB_FOLDER", ".")).resolve()
+
+
+def run_job(config: dict[str, Any]) -> dict[str, Any]:
+    """The task body. Returns rank 0's results (every rank returns its own summary)."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from ringctl.metrics import Metrics
+    from ringctl.plan import make_plan
+    from ringctl.workloads import get_workload
+
+    cfg = OmegaConf.create(config)
+    folder = _job_folder()
+    device, env, _ = _init_distributed(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        names: list[Any] = [None] * world
+        dist.all_gather_object(names, node_name())
+        topology = discover(cfg.topology, list(names), cfg.resources.virtual_node_size)
+        plan = make_plan(topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"))
+        metrics = Metrics(cfg, folder, rank, plan=plan, topology=topology)
+        ctx = RunContext(
+            cfg=cfg, rank=rank, world_size=world, local_rank=env.local_rank, device=device,
+            group=dist.group.WORLD, plan=plan, topology=topology, node_names=list(names),
+            folder=folder, metrics=metrics,
+        )
+        ctx.ring_attention = _bound_ring_attention(ctx)
+        started = time.time()
+        try:
+            result = get_workload(cfg.workload.name)(cfg, ctx)
+        except BaseException:
+            error = traceback.format_exc()
+            metrics.finish(failed=True)
+            if rank == 0:
+                write_results(folder, {"config": config, "node_names": list(names), "plan": plan_dict(plan), "error": error})
+            raise
+        results = {
+            "config": config,
+            "job_id": env_job_id(),
+            "node_names": list(names),
+            "nodes": len(dict.fromkeys(names)),
+            "plan": plan_dict(plan),
+            "wall_s": time.time() - started,
+            **result,
+        }
+        summary = metrics.finish(summary=_scalars(results))
+        if rank == 0:
+            results["wandb"] = summary
+            write_results(folder, results)
+        dist.barrier()
+        if results.get("failures"):
+            raise RuntimeError("; ".join(results["failures"]))
+        return results
+    finally:
+        dist.destroy_process_group()
+
+
+def _bound_ring_attention(ctx: RunContext) -> Callable[..., Any]:
+    """ring_attention with this job's group, plan and layout filled in."""
+    from ringctl.ring import ring_attention
+
+    return partial(
+        ring_attention, group=ctx.group, plan=ctx.plan,
+        layout=ctx.cfg.workload.layout, causal=bool(ctx.cfg.workload.causal),
+    )
+
+
+def env_job_id() -> str:
+    import submitit
+
+    try:
+        return str(submitit.JobEnvironment().job_id)
+    except RuntimeError:
+        return ""
+
+
+def plan_dict(plan: Any) -> dict[str, Any]:
+    """The plan as JSON-able data (the same dict `ringctl plan --json` prints)."""
+    for name in ("to_json_dict", "to_dict", "as_dict"):
+        method = getattr(plan, name, None)
+        if callable(method):
+            return method()
+    from dataclasses import asdict
+
+    return asdict(plan)
+
+
+def _scalars(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten the numeric leaves of results for the W&B summary."""
+    out: dict[str, Any] = {}
+    for key, value in results.items():
+        if key in ("config", "plan", "node_names"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_scalars(value, name + "/"))
+        elif isinstance(value, (bool, int, float)):
+            out[name] = value
+    return out
+
+
+def write_results(folder: Path, results: dict[str, Any]) -> Path:
+    """results.json, written atomically (status readers never see half a file)."""
+    path = folder / RESULTS_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,362 @@
+"""Launchers: turn a validated config into submitit jobs, on SLURM or as local processes.
+
+The base class owns the flow (validate -> job folder -> executor -> submit -> index);
+`SlurmLauncher` and `LocalLauncher` fill two hooks: how many nodes/tasks the job gets
+and which submitit executor sends it. Validation runs before anything touches the disk,
+so bad input leaves no job folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ringctl.config import DTYPES, LAUNCHER_KINDS, LAYOUTS, WANDB_MODES
+from ringctl.errors import ConfigError
+
+#: the file (under the runs root) mapping job id -> job folder, one JSON object a line
+INDEX_NAME = "index.jsonl"
+_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
+# sbatch options that ringctl sets itself from the topology; `additional` may not override them
+_OWNED_SBATCH = {"nodes", "ntasks_per_node", "gpus_per_node", "time", "job_name", "setup"}
+
+
+def runs_root(cfg_root: str | None = None) -> Path:
+    """The folder holding job folders and the index: RINGCTL_RUNS, else the config, else ./runs."""
+    return Path(os.environ.get("RINGCTL_RUNS") or cfg_root or "runs").resolve()
+
+
+def resolve_kind(kind: str) -> str:
+    """`auto` -> `slurm` when `sbatch` is on PATH, else `local`."""
+    if kind not in LAUNCHER_KINDS:
+        raise ConfigError("launcher.kind", kind, " | ".join(LAUNCHER_KINDS))
+    if kind == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    return kind
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks for. Locally all ranks share one machine, grouped into virtual
+    nodes of `virtual_node_size` ranks; under SLURM every rank runs on its real node."""
+
+    kind: str
+    nodes: int  # topology nodes (real under SLURM, virtual locally)
+    ranks_per_node: int
+    gpus_per_node: int
+    virtual_node_size: int | None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+def _positive_int(key: str, value: Any, allowed: str = "an integer >= 1") -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, value, allowed) from None
+    if number < 1 or (isinstance(value, float) and value != number):
+        raise ConfigError(key, value, allowed)
+    return number
+
+
+def resources(cfg: Any) -> Resources:
+    """Nodes and ranks per node from the topology, capped by the launcher."""
+    kind = resolve_kind(str(cfg.launcher.kind))
+    topo = cfg.topology
+    nodes = _positive_int("topology.nodes", topo.get("nodes", 1))
+    per_node = topo.get("ranks_per_node", 1)
+    if not isinstance(per_node, int):
+        counts = [_positive_int("topology.ranks_per_node", n) for n in per_node]
+        if len(set(counts)) != 1:
+            raise ConfigError(
+                "topology.ranks_per_node", list(counts),
+                "the same count on every node for `ringctl launch` (SLURM --ntasks-per-node)",
+            )
+        if len(counts) != nodes:
+            raise ConfigError("topology.ranks_per_node", list(counts), f"one entry per node ({nodes})")
+        per_node = counts[0]
+    per_node = _positive_int("topology.ranks_per_node", per_node)
+    cap = cfg.launcher.get("max_ranks_per_node")
+    if cap is not None:
+        per_node = min(per_node, _positive_int("launcher.max_ranks_per_node", cap))
+    gpus = cfg.launcher.get("gpus_per_node")
+    if gpus is None:
+        gpus = per_node if int(topo.get("gpus_per_node", 0) or 0) > 0 else 0
+    try:
+        gpus = int(gpus)
+    except (TypeError, ValueError):
+        raise ConfigError("launcher.gpus_per_node", gpus, "an integer >= 0 or null") from None
+    if gpus < 0:
+        raise ConfigError("launcher.gpus_per_node", gpus, "an integer >= 0 or null")
+    virtual = topo.get("virtual_node_size")
+    if virtual is not None:
+        virtual = _positive_int("topology.virtual_node_size", virtual)
+        if (nodes * per_node) % virtual:
+            raise ConfigError(
+                "topology.virtual_node_size", virtual,
+                f"a divisor of the {nodes * per_node} ranks (nodes {nodes} x ranks per node {per_node})",
+            )
+    elif kind == "local":
+        virtual = per_node
+    return Resources(kind, nodes, per_node, gpus, virtual)
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, " | ".join(allowed))
+
+
+def _check_seq_len(key: str, seq_len: int, layout: str, world: int) -> None:
+    divisor = 2 * world if layout == "zigzag" else world
+    if seq_len < divisor or seq_len % divisor:
+        raise ConfigError(
+            key, seq_len,
+            f"a multiple of {divisor} (layout {layout} over {world} ranks splits into {divisor} chunks)",
+        )
+
+
+def _check_no_newline(key: str, value: Any) -> None:
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_no_newline(key, item)
+    elif isinstance(value, str) and ("\n" in value or "\r" in value):
+        raise ConfigError(key, value, "a single line (no newline: it would inject lines into the sbatch file)")
+
+
+def sbatch_parameters(cfg: Any, res: Resources, name: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters, validated: known keys only, no newlines."""
+    launcher = cfg.launcher
+    params: dict[str, Any] = {
+        "job_name": name,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.ranks_per_node,
+        "cpus_per_task": _positive_int("launcher.cpus_per_task", launcher.get("cpus_per_task", 1)),
+        "time": _positive_int("launcher.time_min", launcher.get("time_min", 10)),
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        value = launcher.get(key)
+        if value is not None:
+            _check_no_newline(f"launcher.{key}", value)
+            params[key] = str(value)
+    if launcher.get("exclusive"):
+        params["exclusive"] = True
+    setup = list(launcher.get("setup") or [])
+    _check_no_newline("launcher.setup", setup)
+    if setup:
+        params["setup"] = setup
+    distribution = cfg.topology.get("distribution")
+    extra: dict[str, Any] = {}
+    if distribution:
+        _check_no_newline("topology.distribution", distribution)
+        extra["distribution"] = str(distribution)
+    known = submitit.SlurmExecutor._valid_parameters()
+    for key, value in dict(launcher.get("additional") or {}).items():
+        full = f"launcher.additional.{key}"
+        if not _SBATCH_KEY.match(str(key)):
+            raise ConfigError(full, value, "an sbatch option name: lowercase letters, digits, '-', '_'")
+        if key in _OWNED_SBATCH:
+            raise ConfigError(full, value, "options ringctl does not set itself (nodes and tasks come from the topology)")
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(full, value, "a string, number or boolean")
+        _check_no_newline(full, value)
+        if key.replace("-", "_") in known:
+            params[key.replace("-", "_")] = value
+        else:
+            extra[key] = value
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def validate(cfg: Any) -> Resources:
+    """Every check that can fail before submission; raises ConfigError naming the key."""
+    res = resources(cfg)
+    work = cfg.workload
+    _check_choice("workload.dtype", work.dtype, DTYPES)
+    _check_choice("workload.layout", work.layout, LAYOUTS)
+    _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    if cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("wandb.mode", "online", "offline | disabled, or set WANDB_API_KEY in the environment")
+    for key in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
+        _positive_int(f"workload.{key}", work[key])
+    if work.heads % work.kv_heads:
+        raise ConfigError("workload.kv_heads", work.kv_heads, f"a divisor of workload.heads={work.heads}")
+    _check_seq_len("workload.seq_len", work.seq_len, work.layout, res.world_size)
+    if work.name == "bench" and work.get("check"):
+        _check_seq_len("workload.check_seq_len", work.check_seq_len, work.layout, res.world_size)
+    if work.name == "train":
+        _positive_int("workload.steps", work.steps)
+        _positive_int("workload.vocab", work.vocab)
+    if work.name == "custom":
+        _check_entry(str(work.entry))
+    if res.kind == "slurm":
+        sbatch_parameters(cfg, res, str(cfg.get("name", "ringctl")))
+    _check_plan(cfg, res)
+    return res
+
+
+def _check_entry(entry: str) -> None:
+    """`pkg.module:function`, importable here (the job imports it the same way)."""
+    import importlib.util
+
+    module, _, function = entry.partition(":")
+    if not module or not function.isidentifier():
+        raise ConfigError("workload.entry", entry, "pkg.module:function")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise ConfigError("workload.entry", entry, f"an importable module (module {module!r} not found)")
+
+
+def _check_plan(cfg: Any, res: Resources) -> None:
+    """The planner sees the same topology the job will discover; its errors are config errors."""
+    try:
+        from ringctl.job import planned_topology
+        from ringctl.plan import make_plan
+    except ImportError:  # the planner is optional for validation (it is built separately)
+        return
+    try:
+        topology = planned_topology(cfg, res)
+        make_plan(topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"))
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError("topology", cfg.topology.get("name"), str(exc)) from None
+
+
+@dataclass
+class Submitted:
+    """One submitted job: what `ringctl status` and the progress display need."""
+
+    job: submitit.Job
+    folder: Path
+    name: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.job_id)
+
+
+class Launcher:
+    """Submits validated configs with a submitit executor; subclasses pick the executor."""
+
+    kind = ""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def executor(self, folder: Path, cfg: Any, res: Resources, name: str) -> submitit.Executor:
+        raise NotImplementedError
+
+    def new_folder(self, name: str) -> Path:
+        """runs/<time>-<name>; the job folders (one per job id) go inside it."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = self.root / f"{stamp}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+        folder, n = base, 1
+        while folder.exists():
+            folder, n = Path(f"{base}-{n}"), n + 1
+        return folder
+
+    def submit(
+        self, cfgs: list[Any], name: str, overrides: list[tuple[str, ...]] | None = None
+    ) -> list[Submitted]:
+        """Validate all, then submit all at once (one array under SLURM when several)."""
+        from omegaconf import OmegaConf
+
+        from ringctl.job import run_job
+
+        checked = [validate(cfg) for cfg in cfgs]
+        if len({r for r in checked}) != 1:
+            raise ConfigError("sweep", [str(r) for r in checked], "points with the same nodes and ranks (one job array)")
+        res = checked[0]
+        base = self.new_folder(name)
+        executor = self.executor(base / "%j", cfgs[0], res, name)
+        payloads = [OmegaConf.to_container(cfg, resolve=True) for cfg in cfgs]
+        for payload in payloads:  # what the job needs to know of this submission
+            payload["resources"] = asdict(res)
+        with executor.batch():
+            jobs = [executor.submit(run_job, payload) for payload in payloads]
+        overrides = overrides or [() for _ in cfgs]
+        out = [
+            Submitted(job, Path(str(job.paths.folder)), name, tuple(ov))
+            for job, ov in zip(jobs, overrides)
+        ]
+        record(self.root, out, self.kind)
+        return out
+
+
+class SlurmLauncher(Launcher):
+    """sbatch through submitit; several configs become one job array."""
+
+    kind = "slurm"
+
+    def executor(self, folder: Path, cfg: Any, res: Resources, name: str) -> submitit.Executor:
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+        executor.update_parameters(**sbatch_parameters(cfg, res, name))
+        return executor
+
+
+class LocalLauncher(Launcher):
+    """Local processes via submitit's LocalExecutor: all ranks of all (virtual) nodes here."""
+
+    kind = "local"
+
+    def executor(self, folder: Path, cfg: Any, res: Resources, name: str) -> submitit.Executor:
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=0)
+        params: dict[str, Any] = {
+            "tasks_per_node": res.world_size,
+            "timeout_min": _positive_int("launcher.time_min", cfg.launcher.get("time_min", 10)),
+            "gpus_per_node": res.gpus_per_node,
+        }
+        setup = list(cfg.launcher.get("setup") or [])
+        if setup:
+            params["setup"] = setup
+        executor.update_parameters(**params)
+        return executor
+
+
+def make_launcher(cfg: Any) -> Launcher:
+    """The launcher `launcher.kind` asks for (auto resolved here)."""
+    kind = resolve_kind(str(cfg.launcher.kind))
+    root = runs_root(cfg.launcher.get("root"))
+    return SlurmLauncher(root) if kind == "slurm" else LocalLauncher(root)
+
+
+# ---- the job index: job id -> folder, so job control works from any shell ----------------
+
+
+def record(root: Path, submitted: list[Submitted], kind: str) -> None:
+    """Append the submitted jobs to <root>/index.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / INDEX_NAME, "a") as index:
+        for item in submitted:
+            entry = {
+                "job_id": item.job_id, "folder": str(item.folder), "kind": kind,
+                "name": item.name, "overrides": list(item.overrides), "submitted": time.time(),
+            }
+            index.write(json.dumps(entry) + "\n")
+
+
+def read_index(root: Path) -> list[dict[str, Any]]:
+    """All recorded jobs, oldest first (a job id recorded twice: the later entry wins)."""
+    path = root / INDEX_NAME
+    if not path.exists():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest = {e["job_id"]: e for e in entries}
+    return sorted(latest.values(), key=lambda e: e["submitted"])

@@ -1,0 +1,181 @@
+"""bench: ring_attention forward+backward timing, bytes per link class, exactness.
+
+1. Timing at the configured size: every rank holds the shard of its ring position;
+   forward and backward are timed separately (slowest rank, after a barrier).
+2. Bytes: one more fwd+bwd with the comm counters reset; the bytes each rank sent per
+   (phase, link class) are compared with the plan's prediction, byte for byte.
+3. Exactness at `check_seq_len` in float64: the shards' outputs and gradients are
+   gathered, unsharded and compared with SDPA on the whole sequence (rank 0 reports).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+PHASES = ("forward", "backward")
+
+
+def full_inputs(w: Any, seq_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """q, k, v, dout for the whole sequence, identical on every rank (seeded generator)."""
+    gen = torch.Generator().manual_seed(int(w.seed))
+    shapes = [
+        (w.batch, seq_len, w.heads, w.head_dim),
+        (w.batch, seq_len, w.kv_heads, w.head_dim),
+        (w.batch, seq_len, w.kv_heads, w.head_dim),
+        (w.batch, seq_len, w.heads, w.head_dim),
+    ]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+
+
+def local_shards(ctx: Any, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shard (of its ring position) of each full-sequence tensor."""
+    from ringctl.ring import shard_sequence
+
+    layout = ctx.cfg.workload.layout
+    return [
+        shard_sequence(t, ctx.position, ctx.world_size, layout=layout).contiguous()
+        for t in tensors
+    ]
+
+
+def fwd_bwd(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor):
+    """One forward and backward of ring_attention; returns (out, dq, dk, dv, t_fwd, t_bwd)."""
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    dist.barrier(ctx.group)
+    t0 = time.perf_counter()
+    out = ctx.ring_attention(q, k, v)
+    _sync(ctx.device)
+    t1 = time.perf_counter()
+    out.backward(dout)
+    _sync(ctx.device)
+    t2 = time.perf_counter()
+    return out.detach(), q.grad, k.grad, v.grad, t1 - t0, t2 - t1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _slowest(values: list[float], ctx: Any) -> list[float]:
+    """Per-iteration max over ranks: the ring is as fast as its slowest rank."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    return t.tolist()
+
+
+def timing(ctx: Any) -> dict[str, Any]:
+    w = ctx.cfg.workload
+    dtype = getattr(torch, w.dtype)
+    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device))
+    fwd, bwd = [], []
+    for i in range(int(w.warmup) + int(w.iters)):
+        *_, t_fwd, t_bwd = fwd_bwd(ctx, q, k, v, dout)
+        if i >= w.warmup:
+            fwd.append(t_fwd)
+            bwd.append(t_bwd)
+    fwd, bwd = _slowest(fwd, ctx), _slowest(bwd, ctx)
+    for step, (f, b) in enumerate(zip(fwd, bwd), start=1):
+        ctx.metrics.log({"bench/fwd_ms": 1e3 * f, "bench/bwd_ms": 1e3 * b, "bench/step_ms": 1e3 * (f + b)}, step=step)
+    return {
+        "fwd_s": fwd, "bwd_s": bwd,
+        "fwd_median_s": sorted(fwd)[len(fwd) // 2], "bwd_median_s": sorted(bwd)[len(bwd) // 2],
+    }
+
+
+def _per_rank(stats: Any, phase: str, link: str) -> int:
+    """Bytes this rank sent in (phase, link) from ringctl.ring.comm_stats()."""
+    if (phase, link) in stats:
+        return int(stats[(phase, link)])
+    return int(stats.get(phase, {}).get(link, 0))
+
+
+def link_bytes(ctx: Any) -> dict[str, Any]:
+    """Bytes sent per (phase, link class) per rank: measured by the runtime's counters
+    during one fwd+bwd, and predicted by the plan."""
+    from ringctl.ring import comm_stats, reset_comm_stats
+
+    w = ctx.cfg.workload
+    dtype = getattr(torch, w.dtype)
+    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device))
+    reset_comm_stats()
+    fwd_bwd(ctx, q, k, v, dout)
+    stats = comm_stats()
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    mine = {p: {link: _per_rank(stats, p, link) for link in ("intra", "inter")} for p in PHASES}
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, mine, group=ctx.group)
+    out: dict[str, Any] = {}
+    exact = True
+    for phase in PHASES:
+        predicted = ctx.plan.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, dtype_bytes, phase)
+        out[phase] = {}
+        for link in ("intra", "inter"):
+            measured = [g[phase][link] for g in gathered]
+            expect = [int(b) for b in predicted.get(link, [0] * ctx.world_size)]
+            exact &= measured == expect
+            out[phase][link] = {
+                "measured": measured, "predicted": expect,
+                "measured_total": sum(measured), "predicted_total": sum(expect),
+            }
+    out["match"] = exact
+    return out
+
+
+def exactness(ctx: Any) -> dict[str, Any]:
+    """Max abs error of out, dq, dk, dv vs SDPA on the whole sequence, float64."""
+    from ringctl.ring import unshard_sequence
+
+    w = ctx.cfg.workload
+    seq_len = int(w.check_seq_len)
+    full = full_inputs(w, seq_len, torch.float64, ctx.device)
+    out, dq, dk, dv, *_ = fwd_bwd(ctx, *local_shards(ctx, full))
+    order = list(ctx.plan.ring_order)  # position -> rank
+    whole = []
+    for local in (out, dq, dk, dv):
+        shards = [torch.empty_like(local) for _ in range(ctx.world_size)]
+        dist.all_gather(shards, local.contiguous(), group=ctx.group)
+        whole.append(unshard_sequence([shards[r] for r in order], layout=w.layout))
+    errors = {}
+    if ctx.rank == 0:
+        ref = reference(*full, causal=bool(w.causal))
+        for name, got, want in zip(("out", "dq", "dk", "dv"), whole, ref):
+            errors[name] = float((got - want).abs().max())
+    err = torch.tensor([max(errors.values()) if errors else 0.0], dtype=torch.float64)
+    dist.broadcast(err, src=0, group=ctx.group)
+    max_error = float(err)
+    return {
+        "seq_len": seq_len, "dtype": "float64", "errors": errors, "max_error": max_error,
+        "tol": float(w.check_tol), "passed": max_error <= float(w.check_tol),
+    }
+
+
+def reference(q, k, v, dout, *, causal: bool) -> list[torch.Tensor]:
+    """SDPA on the whole sequence: out, dq, dk, dv (B, S, H, D)."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+    ).transpose(1, 2)
+    out.backward(dout)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def run(cfg: Any, ctx: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {"times": timing(ctx), "bytes": link_bytes(ctx)}
+    failures = []
+    if cfg.workload.check:
+        result["check"] = exactness(ctx)
+        result["max_error"] = result["check"]["max_error"]
+        if not result["check"]["passed"]:
+            failures.append(
+                f"exactness check failed: max error {result['max_error']:.3e} > "
+                f"workload.check_tol={cfg.workload.check_tol}"
+            )
+    if not result["bytes"]["match"]:
+        failures.append("measured bytes per link class differ from the plan's prediction (see bytes in results.json)")
+    result["failures"] = failures
+    return result

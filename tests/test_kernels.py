@@ -1,0 +1,242 @@
+"""Triton block kernels on the CPU, under triton's interpreter, against a float64 reference.
+
+TRITON_INTERPRET=1 must hold when the kernels are *defined* (triton.jit picks interpreter or
+compiler at decoration time), so it is set here before anything imports triton. Setting it
+for the rest of the pytest process is harmless: no other module runs triton kernels on the
+CPU, and the ring test passes it to its gloo processes explicitly. If another test module
+imported ringctl_kernels first (without the variable), the kernel modules are reloaded.
+
+The reference is plain matmul-softmax in float64 with the position mask, written here
+independently of the kernels; gradients come from autograd through it. Shapes are small and
+the interpreter's tiles are 32x16 (forward, dq) and 16x32 (dk/dv), so every case spans
+several unequal q and kv tiles, ragged edges included.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ringctl_kernels  # noqa: E402
+
+if not ringctl_kernels.interpreting():
+    for _name in ("ringctl_kernels._common", "ringctl_kernels.attention_fwd",
+                  "ringctl_kernels.attention_bwd", "ringctl_kernels"):
+        importlib.reload(sys.modules[_name])
+
+from ringctl_kernels import block_backward, block_forward  # noqa: E402
+
+TOL = {  # (atol, rtol) against float64; low precision: P is rounded to the input dtype
+    torch.float32: (3e-5, 1e-4),
+    torch.float16: (4e-3, 1e-2),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def reference(q, k, v, scale, q_pos, k_pos):
+    """out (B,Sq,Hq,D), lse (B,Hq,Sq) of softmax attention in the dtype given (float64 here)."""
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if q_pos is not None:
+        visible = k_pos[None, :] <= q_pos[:, None]
+        s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with nothing visible: 0
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def merge(parts):
+    """The ring's merge of per-block (out, lse); -inf rows stay 0 / -inf."""
+    lse = parts[0][1]
+    for _, lse_b in parts[1:]:
+        lse = torch.logaddexp(lse, lse_b)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = 0
+    for out_b, lse_b in parts:
+        w = torch.exp(lse_b - safe)  # safe is finite, so -inf rows give weight 0
+        out = out + w.transpose(1, 2)[..., None] * out_b
+    return out, lse
+
+
+@dataclass(frozen=True)
+class Case:
+    """Query block and the kv blocks of a small 'ring'; positions None = no mask."""
+
+    name: str
+    batch: int
+    hq: int
+    hkv: int
+    head_dim: int
+    q_pos: list[int] | int  # positions, or the length when unmasked
+    k_pos: list[list[int]] | list[int]  # one entry per kv block: positions or lengths
+
+    @property
+    def masked(self) -> bool:
+        return isinstance(self.q_pos, list)
+
+    @property
+    def sq(self) -> int:
+        return len(self.q_pos) if isinstance(self.q_pos, list) else self.q_pos
+
+    def sk(self, i: int) -> int:
+        kp = self.k_pos[i]
+        return len(kp) if isinstance(kp, list) else kp
+
+
+def _r(a: int, b: int, step: int = 1) -> list[int]:
+    return list(range(a, b, step))
+
+
+CASES = [
+    # no mask, ragged Sq/Sk, GQA 2:1
+    Case("none-gqa", 2, 4, 2, 16, 45, [37, 26]),
+    # contiguous causal: q is chunk 1 of 2; kv chunk 0 (all visible) and chunk 1 (diagonal)
+    Case("causal-contiguous", 1, 2, 2, 16, _r(40, 80), [_r(0, 40), _r(40, 80)]),
+    # zigzag, W=2, chunks of 12: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+    Case("zigzag", 1, 4, 1, 16, _r(0, 12) + _r(36, 48), [_r(0, 12) + _r(36, 48), _r(12, 36)]),
+    # striped, W=2: q on rank 0 (even tokens); its first row sees nothing of rank 1's block
+    Case("striped-gqa", 1, 4, 2, 16, _r(0, 80, 2), [_r(0, 80, 2), _r(1, 80, 2)]),
+    # rows 0..9 see no key at all: out 0, lse -inf, zero gradients, no NaN
+    Case("fully-masked-rows", 1, 2, 1, 16, _r(0, 40), [_r(10, 30), _r(30, 50)]),
+]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    # q as a strided view (B,H,S,D) -> (B,S,H,D): the kernels take strides, not copies
+    q = rnd(case.batch, case.hq, case.sq, case.head_dim).transpose(1, 2)
+    ks = [rnd(case.batch, case.sk(i), case.hkv, case.head_dim) for i in range(len(case.k_pos))]
+    vs = [rnd(case.batch, case.sk(i), case.hkv, case.head_dim) for i in range(len(case.k_pos))]
+    dout = rnd(case.batch, case.sq, case.hq, case.head_dim)
+    if case.masked:
+        q_pos = torch.tensor(case.q_pos)
+        k_pos = [torch.tensor(p) for p in case.k_pos]
+    else:
+        q_pos, k_pos = None, [None] * len(case.k_pos)
+    return q, ks, vs, dout, q_pos, k_pos
+
+
+def check_ring(case: Case, dtype: torch.dtype) -> None:
+    """Forward per block + merge, then backward per block with the FINAL out/lse."""
+    q, ks, vs, dout, q_pos, k_pos = make_inputs(case, dtype)
+    scale = case.head_dim ** -0.5
+    atol, rtol = TOL[dtype]
+
+    parts = []
+    for k, v, kp in zip(ks, vs, k_pos):
+        out_b, lse_b = block_forward(q, k, v, scale=scale, q_pos=q_pos, k_pos=kp)
+        assert out_b.dtype == torch.float32 and lse_b.dtype == torch.float32
+        ref_out_b, ref_lse_b = reference(q.double(), k.double(), v.double(), scale, q_pos, kp)
+        torch.testing.assert_close(out_b.double(), ref_out_b, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse_b.double(), ref_lse_b, atol=atol, rtol=rtol)
+        parts.append((out_b, lse_b))
+    out, lse = merge(parts)
+
+    # reference over the whole key set, float64, with autograd for the gradients
+    qd = q.double().requires_grad_()
+    kd = [k.double().requires_grad_() for k in ks]
+    vd = [v.double().requires_grad_() for v in vs]
+    kp_all = torch.cat(k_pos) if case.masked else None
+    ref_out, ref_lse = reference(qd, torch.cat(kd, 1), torch.cat(vd, 1), scale, q_pos, kp_all)
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=atol, rtol=rtol)
+    ref_out.backward(dout.double())
+
+    dq = torch.zeros_like(out)
+    for i, (k, v, kp) in enumerate(zip(ks, vs, k_pos)):
+        dq_b, dk_b, dv_b = block_backward(dout, q, k, v, out, lse, scale=scale, q_pos=q_pos, k_pos=kp)
+        assert dk_b.shape == k.shape and dv_b.shape == v.shape
+        dq += dq_b
+        torch.testing.assert_close(dk_b.double(), kd[i].grad, atol=atol, rtol=rtol)
+        torch.testing.assert_close(dv_b.double(), vd[i].grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dq.double(), qd.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_ring_blocks_float32(case: Case) -> None:
+    check_ring(case, torch.float32)
+
+
+def test_fully_masked_rows_are_zero_not_nan() -> None:
+    case = CASES[-1]
+    q, ks, vs, dout, q_pos, k_pos = make_inputs(case, torch.float32)
+    out, lse = block_forward(q, ks[0], vs[0], scale=0.25, q_pos=q_pos, k_pos=k_pos[0])
+    hidden = q_pos < 10  # rows before every key of block 0
+    assert torch.isneginf(lse[:, :, hidden]).all() and torch.isfinite(lse[:, :, ~hidden]).all()
+    assert (out[:, hidden] == 0).all()
+    dq, dk, dv = block_backward(dout, q, ks[0], vs[0], out, lse, scale=0.25, q_pos=q_pos, k_pos=k_pos[0])
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+    assert (dq[:, hidden] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim",
+    [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 32)],
+    ids=["fp16-d64", "bf16-d128", "fp32-d32"],
+)
+def test_dtypes_and_head_dims(dtype: torch.dtype, head_dim: int) -> None:
+    case = Case(f"causal-d{head_dim}", 1, 2, 1, head_dim, _r(0, 33), [_r(0, 33)])
+    check_ring(case, dtype)
+
+
+def test_empty_kv_block_gives_empty_rows() -> None:
+    q = torch.randn(1, 5, 2, 16)
+    kv = torch.randn(1, 0, 1, 16)
+    out, lse = block_forward(q, kv, kv, scale=0.25)
+    assert (out == 0).all() and torch.isneginf(lse).all() and lse.shape == (1, 2, 5)
+
+
+def _qkv(d: int = 16, dtype: torch.dtype = torch.float32, hq: int = 2, hkv: int = 1):
+    return torch.randn(1, 8, hq, d, dtype=dtype), torch.randn(1, 8, hkv, d, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"d": 48}, r"head_dim 48 .*allowed: \(16, 32, 64, 128\)"),
+        ({"dtype": torch.float64}, r"float64 .*torch reference"),
+        ({"hq": 3, "hkv": 2}, r"Hq \(3\) must be a multiple of Hkv \(2\)"),
+    ],
+    ids=["head_dim", "float64", "gqa"],
+)
+def test_bad_inputs_raise(kwargs: dict, match: str) -> None:
+    q, kv = _qkv(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        block_forward(q, kv, kv, scale=0.25)
+
+
+@pytest.mark.parametrize(
+    "q_pos, k_pos, match",
+    [
+        (torch.arange(8), None, "both be given or both be None"),
+        (torch.arange(8), torch.arange(8).flip(0), "k_pos must be sorted ascending"),
+        (torch.arange(8).float(), torch.arange(8), "integer token positions"),
+        (torch.arange(7), torch.arange(8), "q_pos must be a 1-D tensor of length 8"),
+    ],
+    ids=["one-missing", "unsorted", "float", "length"],
+)
+def test_bad_positions_raise(q_pos, k_pos, match: str) -> None:
+    q, kv = _qkv()
+    with pytest.raises(ValueError, match=match):
+        block_forward(q, kv, kv, scale=0.25, q_pos=q_pos, k_pos=k_pos)
+
+
+def test_backward_checks_lse_shape() -> None:
+    q, kv = _qkv()
+    with pytest.raises(ValueError, match=r"lse must have shape \(1, 2, 8\)"):
+        block_backward(q, q, kv, kv, q.float(), torch.zeros(1, 8, 2), scale=0.25)
