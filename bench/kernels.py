@@ -6,8 +6,9 @@ Prints TFLOP/s and ratios, never asserts on time. Two tables:
    vs ``scaled_dot_product_attention`` with the flash and cuDNN backends (forced through
    ``torch.nn.attention.sdpa_kernel``), causal (positions 0..S-1 on both sides) and not.
 2. blockwise on one GPU: the sequence cut into W contiguous blocks, every (q block,
-   kv block) pair run through the block kernels and merged by log-sum-exp, as the ring does
-   across W GPUs minus the communication; compared with one SDPA flash call. Causal pairs
+   kv block) pair run through the block kernels and merged by the runtime's log-sum-exp
+   merge (``ringctl.ring.merge.merge_block``), as the ring does across W GPUs minus the
+   communication; compared with one SDPA flash call. Causal pairs
    with nothing visible are skipped, as the runtime skips them.
 
 Goals (issue 5): kernel >= 0.9x SDPA throughput; blockwise >= 0.92x one SDPA call.
@@ -96,18 +97,9 @@ def kernel_fn(p: Problem, backward: bool) -> Callable[[], object]:
     return run
 
 
-def merge_into(out: torch.Tensor | None, lse: torch.Tensor | None, out_b: torch.Tensor,
-               lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lse merge of DESIGN.md: out - sigmoid(lse_b - lse) * (out - out_b); blocks here always
-    see at least one key, so no -inf handling is needed."""
-    if out is None or lse is None:
-        return out_b, lse_b
-    w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)
-    return out - w * (out - out_b), torch.logaddexp(lse, lse_b)
-
-
 def blockwise_fn(p: Problem, world: int, backward: bool) -> Callable[[], object]:
     """The ring's work on one GPU: W x W block pairs (lower triangle if causal), merged."""
+    from ringctl.ring.merge import merge_block
     from ringctl_kernels import block_backward, block_forward
 
     q, k, v, dout = p.inputs()
@@ -125,12 +117,13 @@ def blockwise_fn(p: Problem, world: int, backward: bool) -> Callable[[], object]
         outs: list[torch.Tensor] = []
         lses: list[torch.Tensor] = []
         for i, qb in enumerate(blocks):
-            out = lse = None
+            out = torch.zeros((p.batch, chunk, p.heads, p.head_dim), device="cuda", dtype=torch.float32)
+            lse = torch.full((p.batch, p.heads, chunk), float("-inf"), device="cuda", dtype=torch.float32)
             for j in (j for (ii, j) in pairs if ii == i):
                 qp, kp = masks(i, j)
                 out_b, lse_b = block_forward(q[:, qb], k[:, blocks[j]], v[:, blocks[j]],
                                              scale=scale, q_pos=qp, k_pos=kp)
-                out, lse = merge_into(out, lse, out_b, lse_b)
+                merge_block(out, lse, out_b, lse_b)
             outs.append(out)
             lses.append(lse)
         if not backward:
@@ -149,6 +142,26 @@ def blockwise_fn(p: Problem, world: int, backward: bool) -> Callable[[], object]
         return dq, dk, dv
 
     return run
+
+
+def max_errors(p: Problem) -> list[float]:
+    """max |triton - SDPA flash| of out, dq, dk, dv: a check of the compiled kernels, which
+    the CPU tests (interpreter) cannot give. Both sides carry bf16/fp16 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ringctl_kernels import block_backward, block_forward
+
+    q, k, v, dout = p.inputs()
+    pos = torch.arange(p.seqlen, device="cuda") if p.causal else None
+    scale = p.head_dim ** -0.5
+    out, lse = block_forward(q, k, v, scale=scale, q_pos=pos, k_pos=pos)
+    grads = block_backward(dout, q, k, v, out, lse, scale=scale, q_pos=pos, k_pos=pos)
+    qh, kh, vh = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        ref = F.scaled_dot_product_attention(qh, kh, vh, is_causal=p.causal, scale=scale)
+    ref_grads = torch.autograd.grad(ref, (qh, kh, vh), dout.transpose(1, 2))
+    pairs = [(out, ref)] + list(zip(grads, ref_grads))
+    return [(a.float() - b.transpose(1, 2).float()).abs().max().item() for a, b in pairs]
 
 
 def measure(fn: Callable[[], object], p: Problem, backward: bool, args) -> float | None:
@@ -179,6 +192,9 @@ def kernel_table(args) -> None:
     for s in args.seqlens:
         for causal in (False, True):
             p = Problem(args.batch, args.heads, s, args.head_dim, causal, DTYPES[args.dtype])
+            errs = max_errors(p)
+            print(f"{s:>6} {str(causal):>6}   check | max |triton - flash| out {errs[0]:.2e} "
+                  f"dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e}", flush=True)
             for bwd in phases:
                 tri = measure(kernel_fn(p, bwd), p, bwd, args)
                 fla = measure(sdpa_fn(p, SDPBackend.FLASH_ATTENTION, bwd), p, bwd, args)

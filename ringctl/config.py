@@ -59,6 +59,9 @@ class LauncherConfig:
     # ranks per node actually started: the topology's ranks_per_node capped by this
     # (the local default and the dev cluster run a few CPU ranks per node, not 8 GPUs)
     max_ranks_per_node: Any = None
+    # the cap when the job runs as local processes and max_ranks_per_node is null
+    # (launcher=auto on a machine without SLURM): ranks per virtual node
+    local_ranks_per_node: int = 2
     # GPUs per node (--gpus-per-node); null: one per rank when the topology has GPUs
     gpus_per_node: Any = None
     cpus_per_task: int = 1
@@ -203,6 +206,19 @@ def _allowed_keys(overrides: list[str], key: str) -> str:
     return "keys " + ", ".join(prefix + str(k) for k in node.keys())
 
 
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar cannot parse, if any."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for item in overrides:
+        try:
+            parser.parse_overrides([item])
+        except Exception:
+            return item
+    return None
+
+
 def config_error_from(exc: Exception, overrides: list[str]) -> ConfigError:
     """Translate a Hydra/OmegaConf composition error into one ConfigError line."""
     import re
@@ -211,6 +227,10 @@ def config_error_from(exc: Exception, overrides: list[str]) -> ConfigError:
     from omegaconf.errors import OmegaConfBaseException
 
     text = str(exc)
+    bad = _unparsable(overrides)
+    if bad is not None:
+        key, _, value = bad.partition("=")
+        return ConfigError(key.lstrip("+~") or "overrides", value if key else bad, "KEY=VALUE with a valid value (quote it: KEY='...')")
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         # "Could not find 'topology/nope'" (a group option that does not exist)
         found = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", text)

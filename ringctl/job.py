@@ -156,14 +156,15 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
             error = traceback.format_exc()
             metrics.finish(failed=True)
             if rank == 0:
-                write_results(folder, {"config": config, "node_names": list(names), "plan": plan_dict(plan), "error": error})
+                write_results(folder, {"config": config, "node_names": list(names), "plan": plan_dict(plan, cfg.workload), "error": error})
             raise
         results = {
             "config": config,
             "job_id": env_job_id(),
             "node_names": list(names),
-            "nodes": len(dict.fromkeys(names)),
-            "plan": plan_dict(plan),
+            "nodes": plan.nodes,
+            "virtual_nodes": cfg.resources.virtual_node_size is not None,
+            "plan": plan_dict(plan, cfg.workload),
             "wall_s": time.time() - started,
             **result,
         }
@@ -198,15 +199,11 @@ def env_job_id() -> str:
         return ""
 
 
-def plan_dict(plan: Any) -> dict[str, Any]:
-    """The plan as JSON-able data (the same dict `ringctl plan --json` prints)."""
-    for name in ("to_json_dict", "to_dict", "as_dict"):
-        method = getattr(plan, name, None)
-        if callable(method):
-            return method()
-    from dataclasses import asdict
+def plan_dict(plan: Any, workload_cfg: Any) -> dict[str, Any]:
+    """The plan as `ringctl plan --json` prints it for this workload (with predictions)."""
+    from ringctl.plan import Workload
 
-    return asdict(plan)
+    return plan.to_dict(Workload.from_config(workload_cfg))
 
 
 def _scalars(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,13 +35,29 @@ def runs_root(cfg_root: str | None = None) -> Path:
     return Path(os.environ.get("RINGCTL_RUNS") or cfg_root or "runs").resolve()
 
 
+class SubmissionError(RuntimeError):
+    """sbatch (or the local controller) refused the job; carries the tool's own text."""
+
+
 def resolve_kind(kind: str) -> str:
-    """`auto` -> `slurm` when `sbatch` is on PATH, else `local`."""
+    """`auto` -> `slurm` when `sbatch` is on PATH and a cluster answers `sinfo`, else `local`
+    (SLURM's packages without a running cluster, e.g. after `slurm/dev-cluster down`,
+    must not break the embedded default)."""
     if kind not in LAUNCHER_KINDS:
         raise ConfigError("launcher.kind", kind, " | ".join(LAUNCHER_KINDS))
     if kind == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
+        return "slurm" if _slurm_answers() else "local"
     return kind
+
+
+def _slurm_answers() -> bool:
+    if not (shutil.which("sbatch") and shutil.which("sinfo")):
+        return False
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 @dataclass(frozen=True)
@@ -86,10 +103,14 @@ def resources(cfg: Any) -> Resources:
             raise ConfigError("topology.ranks_per_node", list(counts), f"one entry per node ({nodes})")
         per_node = counts[0]
     per_node = _positive_int("topology.ranks_per_node", per_node)
-    cap = cfg.launcher.get("max_ranks_per_node")
+    cap, cap_key = cfg.launcher.get("max_ranks_per_node"), "launcher.max_ranks_per_node"
+    if cap is None and kind == "local":
+        cap, cap_key = cfg.launcher.get("local_ranks_per_node", 2), "launcher.local_ranks_per_node"
     if cap is not None:
-        per_node = min(per_node, _positive_int("launcher.max_ranks_per_node", cap))
+        per_node = min(per_node, _positive_int(cap_key, cap))
     gpus = cfg.launcher.get("gpus_per_node")
+    if gpus is None and kind == "local":
+        gpus = 0  # local processes run on CPU with gloo unless launcher.gpus_per_node asks
     if gpus is None:
         gpus = per_node if int(topo.get("gpus_per_node", 0) or 0) > 0 else 0
     try:
@@ -245,6 +266,7 @@ class Submitted:
     job: submitit.Job
     folder: Path
     name: str
+    kind: str
     overrides: tuple[str, ...] = ()
 
     @property
@@ -289,11 +311,15 @@ class Launcher:
         payloads = [OmegaConf.to_container(cfg, resolve=True) for cfg in cfgs]
         for payload in payloads:  # what the job needs to know of this submission
             payload["resources"] = asdict(res)
-        with executor.batch():
-            jobs = [executor.submit(run_job, payload) for payload in payloads]
+        try:
+            with executor.batch():
+                jobs = [executor.submit(run_job, payload) for payload in payloads]
+        except (submitit.core.utils.FailedJobError, OSError) as exc:
+            shutil.rmtree(base, ignore_errors=True)  # nothing was submitted: leave no folder
+            raise SubmissionError(f"{self.kind} submission failed: {exc}") from exc
         overrides = overrides or [() for _ in cfgs]
         out = [
-            Submitted(job, Path(str(job.paths.folder)), name, tuple(ov))
+            Submitted(job, Path(str(job.paths.folder)), name, self.kind, tuple(ov))
             for job, ov in zip(jobs, overrides)
         ]
         record(self.root, out, self.kind)

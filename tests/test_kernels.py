@@ -240,3 +240,9 @@ def test_backward_checks_lse_shape() -> None:
     q, kv = _qkv()
     with pytest.raises(ValueError, match=r"lse must have shape \(1, 2, 8\)"):
         block_backward(q, q, kv, kv, q.float(), torch.zeros(1, 8, 2), scale=0.25)
+
+
+def test_int32_extent_is_checked() -> None:
+    q = torch.zeros(1, 1, 1, 16).expand(1, 2**27 + 1, 1, 16)  # no memory: stride 0 view
+    with pytest.raises(ValueError, match=r"spans >= 2\*\*31 elements per batch entry"):
+        block_forward(q, q[:, :4], q[:, :4], scale=0.25)

@@ -11,6 +11,7 @@ fully visible (no mask), partly visible (mask) or hidden (skipped):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,10 @@ LOG2E = 1.4426950408889634
 
 # triton.jit picks interpreter or compiler when the kernels are defined, so the mode is
 # fixed by TRITON_INTERPRET at the time this package is imported, not at call time.
-_INTERPRET_AT_IMPORT = bool(triton.knobs.runtime.interpret)
+try:
+    _INTERPRET_AT_IMPORT = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton < 3.4 has no knobs
+    _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def interpreting() -> bool:
@@ -36,9 +40,10 @@ def interpreting() -> bool:
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b. DOT_FP32 upcasts the operands first: the interpreter's bf16 dot is wrong."""
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,23 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
         raise ValueError(f"scale must be a finite positive float, got {scale!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_extent(name, t)
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"ringctl_kernels needs CUDA tensors (got device {q.device}); to run them on the CPU "
             "set TRITON_INTERPRET=1 before triton is imported"
+        )
+
+
+def check_extent(name: str, t: torch.Tensor) -> None:
+    """Kernels index within one batch entry in int32 (the batch offset is int64)."""
+    per_batch = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+    contiguous = t.shape[1] * t.shape[2] * t.shape[3]  # the fp32 outputs of that shape
+    if max(per_batch, contiguous) >= 2**31:
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} spans >= 2**31 elements per batch entry; the "
+            "kernels index in int32 there: use shorter blocks (more ring steps) or split heads"
         )
 
 
@@ -105,6 +123,8 @@ def check_like(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch
         raise ValueError(f"{name} must be on {device}, got {t.device}")
     if not t.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dim() == 4:
+        check_extent(name, t)
 
 
 @dataclass(frozen=True)
@@ -163,15 +183,16 @@ def strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def keep_config(conf: triton.Config, block_m: str, block_n: str, rows: int, cols: int,
-                head_dim: int) -> bool:
+                head_dim: int, min_tile_8_warps: int = 128 * 64) -> bool:
     """Autotune filter shared by the kernels.
 
-    Drops 8 warps on small tiles (too little work per warp), tiles far larger than the
-    sequence they cover (all padding), and the deepest pipelines at head_dim 128 (they
-    exceed shared memory and only cost autotuning time).
+    Drops 8 warps on tiles smaller than ``min_tile_8_warps`` (too little work per warp; the
+    dK/dV kernel sets it lower: its four register-resident tiles spill at 4 warps), tiles
+    far larger than the sequence they cover (all padding), and the deepest pipelines at
+    head_dim 128 (they exceed shared memory and only cost autotuning time).
     """
     bm, bn = conf.kwargs[block_m], conf.kwargs[block_n]
-    if conf.num_warps == 8 and bm * bn < 128 * 64:
+    if conf.num_warps == 8 and bm * bn < min_tile_8_warps:
         return False
     if bm > max(16, triton.next_power_of_2(rows)) or bn > max(16, triton.next_power_of_2(cols)):
         return False
@@ -181,9 +202,10 @@ def keep_config(conf: triton.Config, block_m: str, block_n: str, rows: int, cols
 
 
 def prune(configs: list[triton.Config], block_m: str, block_n: str, rows: int, cols: int,
-          head_dim: int) -> list[triton.Config]:
+          head_dim: int, min_tile_8_warps: int = 128 * 64) -> list[triton.Config]:
     """``keep_config`` over a list, never empty (falls back to the smallest tiles)."""
-    kept = [c for c in configs if keep_config(c, block_m, block_n, rows, cols, head_dim)]
+    kept = [c for c in configs
+            if keep_config(c, block_m, block_n, rows, cols, head_dim, min_tile_8_warps)]
     if kept:
         return kept
     smallest = min(configs, key=lambda c: (c.kwargs[block_m] * c.kwargs[block_n], c.num_warps))

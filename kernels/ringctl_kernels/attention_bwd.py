@@ -171,7 +171,7 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QFirst,
         m_any = 0
         m_all = 0
     masked_lo = (m_any // BLOCK_M) * BLOCK_M
-    full_lo = tl.cdiv(m_all, BLOCK_M) * BLOCK_M
+    full_lo = ((m_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -225,7 +225,8 @@ def _prune_dq(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
 
 def _prune_dkdv(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     args = {**named_args, **kwargs}
-    return prune(configs, "BLOCK_M", "BLOCK_N", args["Sq"], args["Sk"], args["HEAD_DIM"])
+    return prune(configs, "BLOCK_M", "BLOCK_N", args["Sq"], args["Sk"], args["HEAD_DIM"],
+                 min_tile_8_warps=32 * 64)
 
 
 _dq = triton.autotune(

@@ -1,0 +1,90 @@
+"""`ringctl plan`: compose conf/, build the Topology and RingPlan, show them.
+
+    ringctl plan +topology=2node                          # table: plan vs rank-order ring
+    ringctl plan +topology=16node topology.distribution=cyclic --json
+    ringctl plan +topology=4node topology.ring=flat workload.seq_len=262144 --png ring.png
+
+Overrides are Hydra's (`topology.*`, `workload.*`: batch, seq_len, heads, kv_heads,
+head_dim, dtype, layout, causal). Hydra composes through its compose API, so nothing is
+written to disk except the PNG asked for. Bad input prints one line naming the key, the
+value and what is allowed, and exits 2. No torch import: this runs anywhere, fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from ringctl.errors import ConfigError
+
+USAGE = "usage: ringctl plan [+topology=NAME] [KEY=VALUE ...] [--json] [--png PATH]"
+
+
+def _parse(argv: list[str]) -> tuple[list[str], bool, str | None]:
+    """Split our flags from Hydra overrides: (overrides, as_json, png_path)."""
+    overrides: list[str] = []
+    as_json, png = False, None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--json":
+            as_json = True
+        elif arg == "--png":
+            png = next(args, None)
+            if not png:
+                raise ConfigError("--png", "", "a file path, e.g. --png ring.png")
+        elif arg.startswith("--png="):
+            png = arg.partition("=")[2]
+            if not png:
+                raise ConfigError("--png", "", "a file path, e.g. --png ring.png")
+        elif arg.startswith("-"):
+            raise ConfigError("option", arg, "--json | --png PATH | --help, then Hydra overrides KEY=VALUE")
+        else:
+            overrides.append(arg)
+    return overrides, as_json, png
+
+
+def build(overrides: list[str]) -> tuple[Any, Any, Any]:
+    """(topology, plan, workload) from the composed config; ConfigError on bad input."""
+    from ringctl.config import compose
+    from ringctl.plan import Workload, make_plan
+    from ringctl.topology import Topology
+
+    cfg = compose(overrides)
+    topology = Topology.from_config(cfg.topology)
+    work = cfg.get("workload")
+    workload = Workload.from_config(work) if work is not None else Workload()
+    layout = work.get("layout", "zigzag") if work is not None else "zigzag"
+    plan = make_plan(topology, layout=layout, algorithm=cfg.topology.get("ring", "flat"))
+    plan.check_seq_len(workload.seq_len)
+    return topology, plan, workload
+
+
+def main(command: str, argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip().split("\n\n")[1] if __doc__ else USAGE)
+        print(USAGE)
+        return 0
+    try:
+        overrides, as_json, png = _parse(argv)
+        topology, plan, workload = build(overrides)
+        data = plan.to_dict(workload)
+    except ValueError as exc:  # ConfigError and the planner's own checks: bad input
+        print(f"ringctl {command}: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(data))
+    else:
+        from ringctl.report import print_report
+
+        print_report(plan, workload, topology)
+    if png:
+        from ringctl.report import plan_png
+
+        try:
+            written = plan_png(plan, png, topology=topology, workload=workload)
+        except OSError as exc:
+            print(f"ringctl {command}: --png={png!r} cannot be written: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {written}", file=sys.stderr if as_json else sys.stdout)
+    return 0

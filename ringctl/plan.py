@@ -1,0 +1,494 @@
+"""The RingPlan: which rank holds which shard, who sends to whom over which link, and what
+it should cost (no torch import; deterministic, so every rank builds the same plan).
+
+Two algorithms (see docs/internals.md for the exact schedules the runtime runs):
+
+- `flat`: one ring over all W ranks, ordered node-contiguous (node 0's ranks, then node 1's,
+  ...), so a revolution crosses nodes exactly N times whatever the rank numbering. The
+  rank-order ring 0, 1, ..., W-1 is the baseline it is compared with: under SLURM's cyclic
+  distribution every one of its hops crosses nodes.
+- `hierarchical` (LoongTrain's double ring, arXiv 2406.18485): an inner ring per node over
+  the intra link and an outer ring across nodes in which all L ranks of a node send to their
+  peers on the next node at once, each outer transfer hidden behind L inner compute steps.
+
+The cost model prices one attention forward+backward: per ring step
+time = max(compute, transfer), compute from the FLOP rate, transfer = latency +
+bytes / bandwidth, with concurrent inter-node flows leaving (or entering) a node sharing its
+NICs. Everything is O(W).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ringctl.errors import ConfigError
+from ringctl.topology import LINKS, LinkClass, Topology
+
+ALGORITHMS = ("flat", "hierarchical")
+LAYOUTS = ("contiguous", "zigzag", "striped")
+PHASES = ("forward", "backward")
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+#: backward FLOPs / forward FLOPs of blockwise attention (recompute of P, then dV, dP, dQ, dK)
+BACKWARD_FLOP_RATIO = 2.5
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The attention sizes the cost model prices. Shapes are global: `seq_len` is the whole
+    sequence; `heads` are query heads, `kv_heads` the K/V heads that travel the ring."""
+
+    batch: int = 1
+    seq_len: int = 131072
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"workload.{key}", value, "an integer >= 1")
+        if self.heads % self.kv_heads:
+            raise ConfigError("workload.kv_heads", self.kv_heads, f"a divisor of workload.heads={self.heads}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError("workload.dtype", self.dtype, " | ".join(DTYPE_BYTES))
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Workload:
+        """From the `workload` config node (mapping or attributes); missing keys keep the
+        defaults above (a long-context bfloat16 GQA layer)."""
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        kwargs = {k: get(k, None) for k in ("batch", "seq_len", "heads", "kv_heads", "head_dim", "dtype", "causal")}
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _acc_bytes(dtype_bytes: int) -> int:
+    """dK/dV accumulators travel in the accumulation dtype: float64 stays float64, else float32."""
+    return 8 if dtype_bytes == 8 else 4
+
+
+def _kv_bytes(batch: int, block_tokens: int, kv_heads: int, head_dim: int, nbytes: int) -> int:
+    """K and V of one shard (only the kv heads travel)."""
+    return 2 * batch * block_tokens * kv_heads * head_dim * nbytes
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Ring order and placement; the runtime executes it, the report draws it.
+
+    `ring_order[p]` is the global rank at ring position p (which holds shard p of the
+    layout). `inner_size`: hierarchical, the ranks per node L (position p sits on node
+    p // L at local index p % L); flat, the whole world size (one ring)."""
+
+    algorithm: str
+    layout: str
+    world_size: int
+    ring_order: tuple[int, ...]
+    rank_to_node: tuple[int, ...]
+    nodes: int
+    inner_size: int
+    node_names: tuple[str, ...] = ()
+    topology: Topology | None = field(default=None, repr=False, compare=False)
+    _positions: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError("topology.ring", self.algorithm, " | ".join(ALGORITHMS))
+        if self.layout not in LAYOUTS:
+            raise ConfigError("workload.layout", self.layout, " | ".join(LAYOUTS))
+        world = self.world_size
+        positions = [-1] * world
+        if len(self.ring_order) != world or len(self.rank_to_node) != world:
+            raise ValueError(f"ring_order and rank_to_node need {world} entries each")
+        for p, rank in enumerate(self.ring_order):
+            if not 0 <= rank < world or positions[rank] != -1:
+                raise ValueError(f"ring_order must be a permutation of 0..{world - 1}; got {rank} at position {p}")
+            positions[rank] = p
+        object.__setattr__(self, "_positions", tuple(positions))
+        if not self.node_names:
+            object.__setattr__(self, "node_names", tuple(f"node{n}" for n in range(self.nodes)))
+        if self.algorithm == "hierarchical":
+            L = self.inner_size
+            if L * self.nodes != world or any(self.rank_to_node[r] != p // L for p, r in enumerate(self.ring_order)):
+                raise ValueError("hierarchical plan: position p must sit on node p // inner_size")
+
+    # ---- structure ------------------------------------------------------------------
+    @classmethod
+    def rank_order(cls, world_size: int, layout: str = "zigzag") -> RingPlan:
+        """The single-node ring 0, 1, ..., W-1 (every link intra): used when
+        ring_attention gets no plan."""
+        return make_plan(Topology((world_size,)), layout=layout, algorithm="flat", order="rank")
+
+    @property
+    def seq_len_divisor(self) -> int:
+        """seq_len must be a multiple of this: zigzag cuts the sequence in 2W chunks."""
+        return 2 * self.world_size if self.layout == "zigzag" else self.world_size
+
+    def position(self, rank: int) -> int:
+        """Ring position (shard index) of a global rank."""
+        return self._positions[rank]
+
+    def node_of_position(self, position: int) -> int:
+        return self.rank_to_node[self.ring_order[position]]
+
+    def link_class(self, src_rank: int, dst_rank: int) -> str:
+        """"intra" when both ranks share a node, else "inter"."""
+        return "intra" if self.rank_to_node[src_rank] == self.rank_to_node[dst_rank] else "inter"
+
+    def chunks(self, position: int) -> tuple[int, ...]:
+        """Which chunks of the layout's split the position holds: contiguous, chunk p of W;
+        zigzag, chunks p and 2W-1-p of 2W; striped, tokens p, p+W, ... (chunk p of W residues)."""
+        if self.layout == "zigzag":
+            return (position, 2 * self.world_size - 1 - position)
+        return (position,)
+
+    def edges(self) -> list[tuple[int, int, str, str]]:
+        """Every send of one revolution's schedule as (src_rank, dst_rank, link_class, ring):
+        ring is "flat", or "inner"/"outer" for the hierarchical double ring. O(W)."""
+        world, order = self.world_size, self.ring_order
+        if world == 1:
+            return []
+        out = []
+        if self.algorithm == "flat":
+            for p in range(world):
+                src, dst = order[p], order[(p + 1) % world]
+                out.append((src, dst, self.link_class(src, dst), "flat"))
+            return out
+        L, N = self.inner_size, self.nodes
+        for p in range(world):
+            n, l = divmod(p, L)
+            src = order[p]
+            if L > 1:
+                dst = order[n * L + (l + 1) % L]
+                out.append((src, dst, self.link_class(src, dst), "inner"))
+            if N > 1:
+                dst = order[((n + 1) % N) * L + l]
+                out.append((src, dst, self.link_class(src, dst), "outer"))
+        return out
+
+    @property
+    def cross_node_hops(self) -> int:
+        """Hops that cross nodes in one revolution of a KV block around the ring: for a flat
+        ring, how many of its W edges join two nodes; hierarchical, N (the outer ring's
+        hops, each carried by all L lanes at once)."""
+        if self.algorithm == "hierarchical":
+            return self.nodes if self.nodes > 1 else 0
+        return _ring_crossings(self.ring_order, self.rank_to_node)
+
+    @property
+    def baseline_cross_node_hops(self) -> int:
+        """The same count for the rank-order ring 0, 1, ..., W-1 on this placement."""
+        return _ring_crossings(range(self.world_size), self.rank_to_node)
+
+    # ---- bytes ------------------------------------------------------------------------
+    def check_seq_len(self, seq_len: int) -> int:
+        """Tokens per shard; ConfigError when the layout cannot split seq_len over W."""
+        div = self.seq_len_divisor
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1 or seq_len % div:
+            how = f"2 x world size {self.world_size} chunks" if self.layout == "zigzag" else f"world size {self.world_size} shards"
+            raise ConfigError("workload.seq_len", seq_len, f"a positive multiple of {div} ({self.layout} splits it in {how})")
+        return seq_len // self.world_size
+
+    def predicted_bytes(
+        self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype_bytes: int, phase: str
+    ) -> dict[str, list[int]]:
+        """Bytes each global rank SENDS per link class in one `phase` (the schedules of
+        docs/internals.md, byte for byte)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r} is invalid; allowed: {' | '.join(PHASES)}")
+        block = self.check_seq_len(seq_len)
+        kv = _kv_bytes(batch, block, kv_heads, head_dim, dtype_bytes)
+        dkv = _kv_bytes(batch, block, kv_heads, head_dim, _acc_bytes(dtype_bytes))
+        backward = phase == "backward"
+        world = self.world_size
+        out = {link: [0] * world for link in LINKS}
+        if self.algorithm == "flat":
+            if world == 1:
+                return out
+            sent = (world - 1) * kv + (world * dkv if backward else 0)
+            for p in range(world):
+                src, dst = self.ring_order[p], self.ring_order[(p + 1) % world]
+                out[self.link_class(src, dst)][src] = sent
+            return out
+        N, L = self.nodes, self.inner_size
+        inter = (N - 1) * kv + (N * dkv if backward and N > 1 else 0)
+        intra = N * (L - 1) * kv + (N * L * dkv if backward and L > 1 else 0)
+        out["inter"] = [inter] * world
+        out["intra"] = [intra] * world
+        return out
+
+    def bytes_per_step(self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> dict[str, int]:
+        """Forward bytes sent by all ranks together per ring step (one KV block computed per
+        rank), per link class. Hierarchical: an outer step's bytes / L (it spans L steps)."""
+        kv = _kv_bytes(batch, self.check_seq_len(seq_len), kv_heads, head_dim, dtype_bytes)
+        if self.world_size == 1:
+            return {link: 0 for link in LINKS}
+        if self.algorithm == "hierarchical":
+            N, L = self.nodes, self.inner_size
+            return {"intra": N * (L - 1) * kv, "inter": (N * kv if N > 1 else 0)}
+        counts = {link: 0 for link in LINKS}
+        for src, _dst, link, _ring in self.edges():
+            counts[link] += 1
+        return {link: counts[link] * kv for link in LINKS}
+
+    # ---- output -----------------------------------------------------------------------
+    def to_dict(self, workload: Workload | None = None) -> dict[str, Any]:
+        """JSON-able plan (what `ringctl plan --json` prints and results.json keeps); with a
+        workload, also bytes and the cost model's predictions (needs `topology`)."""
+        out: dict[str, Any] = {
+            "ring": self.algorithm,
+            "layout": self.layout,
+            "world_size": self.world_size,
+            "nodes": self.nodes,
+            "inner_size": self.inner_size,
+            "node_names": list(self.node_names),
+            "ranks_per_node": _counts(self.rank_to_node, self.nodes),
+            "ring_order": list(self.ring_order),
+            "positions": list(self._positions),
+            "rank_to_node": list(self.rank_to_node),
+            "cross_node_hops": self.cross_node_hops,
+            "baseline_cross_node_hops": self.baseline_cross_node_hops,
+        }
+        if workload is not None:
+            out.update(estimate(self, workload).to_dict())
+            out["baseline"] = estimate(baseline_plan(self), workload).to_dict()
+        return out
+
+
+def _ring_crossings(order: Any, rank_to_node: tuple[int, ...]) -> int:
+    order = list(order)
+    world = len(order)
+    if world < 2:
+        return 0
+    return sum(rank_to_node[order[p]] != rank_to_node[order[(p + 1) % world]] for p in range(world))
+
+
+def _counts(rank_to_node: tuple[int, ...], nodes: int) -> list[int]:
+    counts = [0] * nodes
+    for node in rank_to_node:
+        counts[node] += 1
+    return counts
+
+
+def make_plan(topology: Topology, layout: str = "zigzag", algorithm: str = "flat", *, order: str = "node") -> RingPlan:
+    """The plan for `topology`. order="node" (default): node-contiguous ring order;
+    order="rank": the rank-order ring 0..W-1 (the baseline; flat only)."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError("topology.ring", algorithm, " | ".join(ALGORITHMS))
+    if layout not in LAYOUTS:
+        raise ConfigError("workload.layout", layout, " | ".join(LAYOUTS))
+    world = topology.world_size
+    if order == "rank":
+        if algorithm != "flat":
+            raise ValueError("order='rank' is the flat baseline ring; use algorithm='flat'")
+        ring_order = tuple(range(world))
+    elif order == "node":
+        ring_order = tuple(r for ranks in topology.ranks_of_nodes() for r in ranks)
+    else:
+        raise ValueError(f"order={order!r} is invalid; allowed: node | rank")
+    inner = world
+    if algorithm == "hierarchical":
+        if not topology.is_even:
+            shown = ",".join(map(str, topology.ranks_per_node[:8])) + ("..." if topology.nodes > 8 else "")
+            raise ConfigError(
+                "topology.ring", "hierarchical",
+                f"flat for uneven nodes (ranks per node {shown}; hierarchical needs the same count on every node)",
+            )
+        inner = topology.ranks_per_node[0]
+    return RingPlan(
+        algorithm=algorithm, layout=layout, world_size=world, ring_order=ring_order,
+        rank_to_node=topology.rank_to_node, nodes=topology.nodes, inner_size=inner,
+        node_names=topology.node_names, topology=topology,
+    )
+
+
+def baseline_plan(plan: RingPlan) -> RingPlan:
+    """The rank-order flat ring on the same topology and layout (what a topology-blind ring runs)."""
+    return make_plan(_topology_of(plan), layout=plan.layout, algorithm="flat", order="rank")
+
+
+def _topology_of(plan: RingPlan) -> Topology:
+    if plan.topology is not None:
+        return plan.topology
+    return Topology(tuple(_counts(plan.rank_to_node, plan.nodes)), rank_to_node=plan.rank_to_node)
+
+
+# ---- cost model ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """Predicted time of one attention forward+backward under a plan.
+
+    `step_time_s`: steady-state forward time per ring step (one KV block per rank);
+    hierarchical: one outer step / L. `overlap` holds, per phase and link, the smallest
+    block (tokens per shard) whose compute hides that link's transfer."""
+
+    block_tokens: int
+    compute_s: dict[str, float]
+    transfer_s: dict[str, float]
+    step_time_s: float
+    forward_s: float
+    backward_s: float
+    bytes_per_step: dict[str, int]
+    bytes_total: dict[str, dict[str, int]]
+    min_block_tokens: dict[str, dict[str, int]]
+    inter_flows_per_nic: float
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+    @property
+    def overlap_ok(self) -> bool:
+        return all(self.block_tokens >= need for phase in self.min_block_tokens.values() for need in phase.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "block_tokens": self.block_tokens,
+            "bytes_per_step": dict(self.bytes_per_step),
+            "bytes_total": {p: dict(v) for p, v in self.bytes_total.items()},
+            "compute_time_per_block_s": dict(self.compute_s),
+            "transfer_time_per_hop_s": dict(self.transfer_s),
+            "inter_flows_per_nic": self.inter_flows_per_nic,
+            "predicted_step_time_s": self.step_time_s,
+            "predicted_forward_time_s": self.forward_s,
+            "predicted_backward_time_s": self.backward_s,
+            "predicted_total_time_s": self.total_s,
+            "overlap": {
+                "condition": "block_tokens >= min_block_tokens: compute of a block (FLOPs / FLOP rate) "
+                "covers its transfer (latency + bytes / bandwidth); roughly block >= F/B tokens "
+                "x (2 Hkv bytes)/(4 Hq causal factor); hierarchical outer: L times looser",
+                "block_tokens": self.block_tokens,
+                "min_block_tokens": {p: dict(v) for p, v in self.min_block_tokens.items()},
+            },
+            "overlap_ok": self.overlap_ok,
+        }
+
+
+@dataclass(frozen=True)
+class _Path:
+    """One class of hop: latency (s) and the bandwidth (bytes/s) a flow gets on it."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def time(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s if nbytes > 0 else 0.0
+
+
+def _path(link: LinkClass, share: float = 1.0) -> _Path:
+    return _Path(link.latency_us * 1e-6, link.bandwidth_GBps * 1e9 * share)
+
+
+def _slowest(paths: list[_Path], nbytes: float) -> float:
+    return max((p.time(nbytes) for p in paths), default=0.0)
+
+
+def _min_block(flops_per_pair: float, bytes_per_token: float, path: _Path, looser: int = 1) -> int:
+    """Smallest s with looser * s^2 * a >= latency + s * b (a: seconds per query-key pair,
+    b: seconds per token moved): the overlap condition, latency included."""
+    a = looser * flops_per_pair
+    b = bytes_per_token / path.bytes_per_s
+    s = (b + math.sqrt(b * b + 4 * a * path.latency_s)) / (2 * a)
+    s_int = max(1, math.ceil(s - 1e-9))
+    return s_int
+
+
+def _flat_paths(plan: RingPlan, topo: Topology) -> tuple[dict[str, list[_Path]], float]:
+    """Distinct hop classes of a flat ring: inter flows leaving or entering a node share its
+    NICs (flows = max(egress, ingress) of that node). Returns paths per link and the worst
+    flows-per-NIC."""
+    egress = [0] * plan.nodes
+    ingress = [0] * plan.nodes
+    hops = plan.edges()
+    for src, dst, link, _ in hops:
+        if link == "inter":
+            egress[plan.rank_to_node[src]] += 1
+            ingress[plan.rank_to_node[dst]] += 1
+    shares: dict[str, set[float]] = {link: set() for link in LINKS}
+    worst = 0.0
+    for src, dst, link, _ in hops:
+        if link == "intra":
+            shares["intra"].add(1.0)
+            continue
+        flows = max(egress[plan.rank_to_node[src]], ingress[plan.rank_to_node[dst]])
+        worst = max(worst, flows / topo.nics_per_node)
+        shares["inter"].add(min(1.0, topo.nics_per_node / flows))
+    paths = {link: [_path(topo.link(link), s) for s in sorted(shares[link])] for link in LINKS}
+    return paths, worst
+
+
+def estimate(plan: RingPlan, workload: Workload) -> Cost:
+    """Predicted forward and backward time of one attention call under `plan`."""
+    topo = _topology_of(plan)
+    w = workload
+    W = plan.world_size
+    s = plan.check_seq_len(w.seq_len)
+    balanced = w.causal and plan.layout in ("zigzag", "striped")
+    # a causal ring step waits on its busiest rank: balanced layouts halve every block's
+    # work on average; contiguous leaves some ranks a full block every step
+    causal_factor = 0.5 if balanced else 1.0
+    rate = topo.compute_tflops * 1e12
+    pair_fwd = 4 * w.batch * w.heads * w.head_dim * causal_factor / rate  # seconds per (q, k) pair
+    pair = {"forward": pair_fwd, "backward": BACKWARD_FLOP_RATIO * pair_fwd}
+    c = {phase: pair[phase] * s * s for phase in PHASES}
+    db, acc = w.dtype_bytes, _acc_bytes(w.dtype_bytes)
+    kv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, db)
+    dkv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, acc)
+    per_token = {"forward": kv / s, "backward": (kv + dkv) / s}
+    totals = {
+        phase: {link: sum(b) for link, b in plan.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, db, phase).items()}
+        for phase in PHASES
+    }
+    per_step = plan.bytes_per_step(w.batch, w.seq_len, w.kv_heads, w.head_dim, db)
+    if plan.algorithm == "flat":
+        paths, flows = _flat_paths(plan, topo)
+        every = paths["intra"] + paths["inter"]
+        t_kv, t_both, t_dkv = (_slowest(every, x) for x in (kv, kv + dkv, dkv))
+        if W == 1:
+            fwd, bwd, step = c["forward"], c["backward"], c["forward"]
+        else:
+            step = max(c["forward"], t_kv)
+            fwd = (W - 1) * step + c["forward"]
+            bwd = (W - 1) * max(c["backward"], t_both) + c["backward"] + t_dkv
+        need = {
+            phase: {link: max((_min_block(pair[phase], per_token[phase], p) for p in paths[link]), default=0) for link in LINKS}
+            for phase in PHASES
+        }
+        transfer = {link: _slowest(paths[link], kv) for link in LINKS}
+    else:
+        N, L = plan.nodes, plan.inner_size
+        flows = L / topo.nics_per_node if N > 1 else 0.0
+        inner = [_path(topo.intra)] if L > 1 else []
+        outer = [_path(topo.inter, min(1.0, topo.nics_per_node / L))] if N > 1 else []
+
+        def inner_ring(compute: float, moving: float, home: float) -> float:
+            """L computes, L-1 overlapped intra hops, then the accumulator's hop home."""
+            if L == 1:
+                return compute
+            return (L - 1) * max(compute, _slowest(inner, moving)) + compute + _slowest(inner, home)
+
+        ring_f = inner_ring(c["forward"], kv, 0)
+        ring_b = inner_ring(c["backward"], kv + dkv, dkv)
+        fwd = (N - 1) * max(ring_f, _slowest(outer, kv)) + ring_f
+        bwd = (N - 1) * max(ring_b, _slowest(outer, kv + dkv)) + ring_b + _slowest(outer, dkv)
+        step = max(ring_f, _slowest(outer, kv)) / L if N > 1 else ring_f / L
+        need = {
+            phase: {
+                "intra": _min_block(pair[phase], per_token[phase], inner[0]) if inner else 0,
+                "inter": _min_block(pair[phase], per_token[phase], outer[0], looser=L) if outer else 0,
+            }
+            for phase in PHASES
+        }
+        transfer = {"intra": _slowest(inner, kv), "inter": _slowest(outer, kv)}
+    return Cost(
+        block_tokens=s, compute_s=c, transfer_s=transfer, step_time_s=step, forward_s=fwd, backward_s=bwd,
+        bytes_per_step=per_step, bytes_total=totals, min_block_tokens=need, inter_flows_per_nic=flows,
+    )

@@ -1,0 +1,87 @@
+"""A RingPlan turned into ring *levels*, the only thing the ring loop needs to know.
+
+Ring position p is a mixed-radix number; each level is one digit. A level of ``size`` m and
+``stride`` t moves K/V between positions that differ by t in that digit (mod m). The loop
+runs level 0's ring, and at every step of it the whole ring of level 1, and so on:
+
+- flat: one level (W, 1): the pass-KV ring over all positions in plan order.
+- hierarchical: levels (N, L) and (L, 1): the outer ring across nodes (peer (n+1, l)),
+  and inside each outer step the inner ring over the node (peer (n, l+1)).
+
+So the hierarchical schedule is the flat loop nested, not a second copy of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ALGORITHMS = ("flat", "hierarchical")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One ring of the schedule as seen by one rank; peers are ranks within the group."""
+
+    size: int
+    stride: int
+    send_to: int
+    recv_from: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where this rank sits and which levels it runs; ``link_class`` comes from the plan."""
+
+    rank: int
+    position: int
+    world_size: int
+    levels: tuple[Level, ...]
+    link_class: Callable[[int, int], str]
+
+    def source(self, steps: Sequence[int]) -> int:
+        """Ring position whose K/V this rank holds after ``steps[i]`` hops on level i."""
+        src = 0
+        for level, step in zip(self.levels, steps, strict=True):
+            digit = (self.position // level.stride) % level.size
+            src += ((digit - step) % level.size) * level.stride
+        return src
+
+
+def level_sizes(plan: Any) -> tuple[tuple[int, int], ...]:
+    """(size, stride) of each level for ``plan``; ValueError if the plan cannot be run."""
+    world = plan.world_size
+    if plan.algorithm == "flat":
+        return ((world, 1),)
+    if plan.algorithm == "hierarchical":
+        nodes, inner = plan.nodes, plan.inner_size
+        if nodes * inner != world:
+            raise ValueError(
+                f"plan has nodes={nodes} x inner_size={inner} != world_size={world}; a "
+                "hierarchical plan needs the same number of ranks on every node"
+            )
+        return ((nodes, inner), (inner, 1))
+    raise ValueError(f"plan.algorithm={plan.algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
+
+
+def make_schedule(plan: Any, rank: int) -> Schedule:
+    """The levels ``rank`` (a rank within the plan's group) runs under ``plan``."""
+    order = tuple(plan.ring_order)
+    world = plan.world_size
+    if sorted(order) != list(range(world)):
+        raise ValueError(f"plan.ring_order={order} is not a permutation of 0..{world - 1}")
+    position = order.index(rank)
+    levels = []
+    for size, stride in level_sizes(plan):
+        digit = (position // stride) % size
+        base = position - digit * stride
+        levels.append(
+            Level(
+                size=size,
+                stride=stride,
+                send_to=order[base + (digit + 1) % size * stride],
+                recv_from=order[base + (digit - 1) % size * stride],
+            )
+        )
+    return Schedule(rank, position, world, tuple(levels), plan.link_class)

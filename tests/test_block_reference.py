@@ -1,0 +1,146 @@
+"""The torch block implementation (both tile paths) against naive float64 attention.
+
+The reference builds the score matrix with an explicit mask from the global positions
+(query i sees key j iff k_pos[j] <= q_pos[i]) and uses autograd; nothing is shared with
+ringctl.ring.block except the contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ringctl.ring import block
+from ringctl.ring.merge import merge_block
+
+B, HQ, HKV, D = 2, 4, 2, 16
+PATHS = ("flash", "matmul")
+
+
+def _naive(q, k, v, scale, q_pos, k_pos):  # type: ignore[no-untyped-def]
+    """(out, lse) by definition; rows that see no key give out 0, lse -inf."""
+    groups = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(groups, dim=2)
+    vv = v.repeat_interleave(groups, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if q_pos is not None:
+        s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
+
+
+# (name, q positions, k positions): the block shapes the layouts produce, plus a general one
+CASES = {
+    "no-mask": (None, None),
+    "diagonal": (torch.arange(12), torch.arange(12)),
+    "zigzag-below": (torch.tensor([4, 5, 6, 7, 8, 9]), torch.tensor([0, 1, 10, 11])),
+    "zigzag-above": (torch.tensor([0, 1, 10, 11]), torch.tensor([4, 5, 6, 7])),
+    "striped-strict": (torch.arange(0, 24, 3), torch.arange(1, 24, 3)),
+    "hidden": (torch.arange(0, 4), torch.arange(10, 14)),
+    "general": (torch.tensor([0, 2, 3, 3, 9, 15, 16]), torch.tensor([1, 2, 4, 5, 9, 10, 20])),
+}
+
+
+def _inputs(case: str, dtype: torch.dtype = torch.float64):  # type: ignore[no-untyped-def]
+    q_pos, k_pos = CASES[case]
+    sq = 10 if q_pos is None else q_pos.numel()
+    sk = 7 if k_pos is None else k_pos.numel()
+    gen = torch.Generator().manual_seed(sq * 100 + sk)
+    q = torch.randn(B, sq, HQ, D, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, sk, HKV, D, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, sk, HKV, D, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v, q_pos, k_pos
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_matches_definition(path: str, case: str) -> None:
+    q, k, v, q_pos, k_pos = _inputs(case)
+    scale = 1 / math.sqrt(D)
+    out, lse = block._torch_forward(q, k, v, scale, q_pos, k_pos, path=path)
+    ref_out, ref_lse = _naive(q, k, v, scale, q_pos, k_pos)
+    assert out.dtype == lse.dtype == torch.float64
+    assert lse.shape == (B, HQ, q.shape[1])
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ["no-mask", "zigzag-below", "striped-strict", "general"])
+def test_backward_sums_to_full_gradient(path: str, case: str) -> None:
+    """Two key blocks, backward of each with the *merged* out/lse, sum to autograd's grads."""
+    q, k1, v1, q_pos, k1_pos = _inputs(case)
+    gen = torch.Generator().manual_seed(7)
+    k2 = torch.randn(k1.shape, generator=gen, dtype=torch.float64)
+    v2 = torch.randn(v1.shape, generator=gen, dtype=torch.float64)
+    k2_pos = None if q_pos is None else torch.arange(k1.shape[1]) - 100  # always visible
+    scale = 0.3
+    out, lse = block._torch_forward(q, k1, v1, scale, q_pos, k1_pos, path=path)
+    out2, lse2 = block._torch_forward(q, k2, v2, scale, q_pos, k2_pos, path=path)
+    merge_block(out, lse, out2, lse2)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k1, v1, k2, v2)]
+    qr, k1r, v1r, k2r, v2r = leaves
+    k_all, v_all = torch.cat([k2r, k1r], 1), torch.cat([v2r, v1r], 1)
+    k_pos_all = None if q_pos is None else torch.cat([k2_pos, k1_pos])
+    ref, ref_lse = _naive(qr, k_all, v_all, scale, q_pos, k_pos_all)
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse.detach(), rtol=0, atol=1e-12)
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    expected = torch.autograd.grad(ref, leaves, dout)
+
+    dq1, dk1, dv1 = block._torch_backward(dout, q, k1, v1, out, lse, scale, q_pos, k1_pos, path=path)
+    dq2, dk2, dv2 = block._torch_backward(dout, q, k2, v2, out, lse, scale, q_pos, k2_pos, path=path)
+    for name, got, want in zip(
+        ("dq", "dk1", "dv1", "dk2", "dv2"), (dq1 + dq2, dk1, dv1, dk2, dv2), expected, strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_returns_float32(dtype: torch.dtype) -> None:
+    q, k, v, q_pos, k_pos = _inputs("general", dtype)
+    out, lse = block.block_forward(q, k, v, scale=0.25, q_pos=q_pos, k_pos=k_pos)
+    assert out.dtype == lse.dtype == torch.float32
+    ref_out, ref_lse = _naive(q.double(), k.double(), v.double(), 0.25, q_pos, k_pos)
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-5)
+    dq, dk, dv = block.block_backward(out.to(dtype), q, k, v, out, lse, scale=0.25, q_pos=q_pos, k_pos=k_pos)
+    assert dq.dtype == dk.dtype == dv.dtype == torch.float32
+    assert dk.shape == k.shape and not dk.isnan().any()
+
+
+def test_hidden_rows_are_zero_and_minus_inf() -> None:
+    q, k, v, q_pos, k_pos = _inputs("striped-strict")
+    out, lse = block.block_forward(q, k, v, scale=0.25, q_pos=q_pos, k_pos=k_pos)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))  # query 0 sees no key 1, 4, ...
+    assert bool((lse[:, :, 0] == float("-inf")).all())
+    assert bool(torch.isfinite(lse[:, :, 1:]).all())
+
+
+def test_merge_keeps_empty_rows_and_never_nans() -> None:
+    out = torch.zeros(1, 3, 1, 2)
+    lse = torch.tensor([[[float("-inf"), float("-inf"), 0.0]]])
+    block_out = torch.tensor([[[[1.0, 2.0]], [[0.0, 0.0]], [[3.0, 3.0]]]])
+    block_lse = torch.tensor([[[0.5, float("-inf"), float("-inf")]]])
+    merge_block(out, lse, block_out, block_lse)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert lse.tolist() == [[[0.5, float("-inf"), 0.0]]]
+
+
+def test_positions_must_come_in_pairs() -> None:
+    q, k, v, q_pos, k_pos = _inputs("diagonal")
+    with pytest.raises(ValueError, match="both"):
+        block.block_forward(q, k, v, scale=1.0, q_pos=q_pos, k_pos=None)
+    with pytest.raises(ValueError, match="k_pos must be a 1-D int64"):
+        block.block_forward(q, k, v, scale=1.0, q_pos=q_pos, k_pos=k_pos[:3])
+
+
+def test_impl_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(block.IMPL_ENV, "cuda-magic")
+    q, k, v, _, _ = _inputs("no-mask")
+    with pytest.raises(ValueError, match="RINGCTL_BLOCK_IMPL='cuda-magic'"):
+        block.block_forward(q, k, v, scale=1.0)

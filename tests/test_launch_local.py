@@ -1,0 +1,105 @@
+"""The embedded default end to end: `ringctl launch +topology=2node` on a machine without a
+SLURM cluster runs local processes (CPU, gloo) in 2 virtual nodes x 2 ranks; results.json
+holds a real 2-node plan, bytes per link class equal to the plan's prediction, and a
+passing float64 exactness check; the W&B offline run sits in the job folder and its run
+file, read back, holds the step metrics; the API key in the environment is written nowhere.
+Then job control from another process: status, logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import wandb_records
+
+SECRET = "ringctl-test-key-0123456789abcdef0123456789abcdef"
+
+
+def ringctl(args: list[str], runs: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("SLURM_CONF", "WANDB_API_KEY")}
+    environ.update(RINGCTL_RUNS=str(runs), WANDB_SILENT="true", **env)
+    return subprocess.run([sys.executable, "-m", "ringctl", *args], capture_output=True, text=True, env=environ, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def local_job(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    runs = tmp_path_factory.mktemp("runs")
+    # exactly the README's command (plus a fake key in the environment, to prove it is not written)
+    done = ringctl(["launch", "+topology=2node"], runs, WANDB_API_KEY=SECRET)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [entry] = [json.loads(line) for line in (runs / "index.jsonl").read_text().splitlines()]
+    folder = Path(entry["folder"])
+    return {"runs": runs, "entry": entry, "folder": folder, "stdout": done.stdout,
+            "results": json.loads((folder / "results.json").read_text())}
+
+
+def test_runs_as_local_processes_in_two_virtual_nodes(local_job: dict) -> None:
+    results = local_job["results"]
+    assert local_job["entry"]["kind"] == "local"
+    res = results["config"]["resources"]
+    assert (res["kind"], res["nodes"], res["ranks_per_node"], res["virtual_node_size"]) == ("local", 2, 2, 2)
+    plan = results["plan"]
+    assert plan["nodes"] == 2 and plan["world_size"] == 4 and plan["ranks_per_node"] == [2, 2]
+    assert results["nodes"] == 2 and results["virtual_nodes"] is True
+    assert len(results["node_names"]) == 4
+
+
+def test_exactness_and_bytes(local_job: dict) -> None:
+    results = local_job["results"]
+    check = results["check"]
+    assert check["passed"] and check["max_error"] <= 1e-9, check
+    assert set(check["errors"]) == {"out", "dq", "dk", "dv"}
+    for phase in ("forward", "backward"):
+        for link in ("intra", "inter"):
+            figures = results["bytes"][phase][link]
+            assert figures["measured"] == figures["predicted"], (phase, link, figures)
+    # a 2-node hierarchical plan really sends bytes over both link classes
+    assert results["bytes"]["forward"]["inter"]["measured_total"] > 0
+    assert results["bytes"]["forward"]["intra"]["measured_total"] > 0
+    assert len(results["times"]["fwd_s"]) == results["config"]["workload"]["iters"]
+
+
+def test_summary_printed(local_job: dict) -> None:
+    out = local_job["stdout"]
+    assert "done" in out and "passed" in out
+    assert f"results: {local_job['folder'] / 'results.json'}" in out
+    assert "wandb sync " in out
+
+
+def test_wandb_offline_run_holds_step_metrics(local_job: dict) -> None:
+    folder, results = local_job["folder"], local_job["results"]
+    run_dir = Path(results["wandb"]["run_dir"])
+    assert run_dir.parent == folder / "wandb" and run_dir.name.startswith("offline-run-")
+    [run_file] = run_dir.glob("run-*.wandb")
+    steps = [h for h in wandb_records.history(run_file) if "bench/fwd_ms" in h]
+    iters = results["config"]["workload"]["iters"]
+    assert [h["_step"] for h in steps] == list(range(1, iters + 1))
+    logged = [h["bench/fwd_ms"] / 1e3 for h in steps]
+    assert logged == pytest.approx(results["times"]["fwd_s"], rel=1e-9)
+    summary = wandb_records.summary(run_file)
+    assert summary["check/passed"] is True and summary["max_error"] == pytest.approx(results["max_error"])
+    config = wandb_records.config(run_file)
+    assert config["workload"]["seq_len"] == results["config"]["workload"]["seq_len"]
+
+
+def test_api_key_written_nowhere(local_job: dict) -> None:
+    leaked = [p for p in local_job["runs"].rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_status_and_logs_from_another_process(local_job: dict) -> None:
+    job_id = local_job["entry"]["job_id"]
+    status = ringctl(["status", job_id], local_job["runs"], timeout=60)
+    assert status.returncode == 0 and f"job {job_id} (local): done (COMPLETED)" in status.stdout
+    listing = ringctl(["status"], local_job["runs"], timeout=60)
+    assert job_id in listing.stdout and "done" in listing.stdout
+    logs = ringctl(["logs", job_id, "--rank", "1"], local_job["runs"], timeout=60)
+    assert logs.returncode == 0 and "Job completed successfully" in logs.stdout + logs.stderr
+    missing = ringctl(["status", "424242424"], local_job["runs"], timeout=60)
+    assert missing.returncode == 2 and "not found" in missing.stderr
