@@ -125,59 +125,84 @@ def _job_folder() -> Path:
 
 
 def run_job(config: dict[str, Any]) -> dict[str, Any]:
-    """The task body. Returns rank 0's results (every rank returns its own summary)."""
+    """The task body. Every rank returns its results; rank 0 writes results.json.
+
+    A rank whose workload raises writes its traceback to `rank<R>.error` in the job folder
+    before re-raising, so `ringctl launch` can show the root cause (the first error file)
+    rather than the peers' "connection closed" that follows it."""
     import torch.distributed as dist
     from omegaconf import OmegaConf
-
-    from ringctl.metrics import Metrics
-    from ringctl.plan import make_plan
-    from ringctl.workloads import get_workload
 
     cfg = OmegaConf.create(config)
     folder = _job_folder()
     device, env, _ = _init_distributed(cfg)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     try:
-        names: list[Any] = [None] * world
-        dist.all_gather_object(names, node_name())
-        topology = discover(cfg.topology, list(names), cfg.resources.virtual_node_size)
-        plan = make_plan(topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"))
-        metrics = Metrics(cfg, folder, rank, plan=plan, topology=topology)
-        ctx = RunContext(
-            cfg=cfg, rank=rank, world_size=world, local_rank=env.local_rank, device=device,
-            group=dist.group.WORLD, plan=plan, topology=topology, node_names=list(names),
-            folder=folder, metrics=metrics,
-        )
-        ctx.ring_attention = _bound_ring_attention(ctx)
-        started = time.time()
+        ctx = _context(cfg, folder, device, env.local_rank)
         try:
-            result = get_workload(cfg.workload.name)(cfg, ctx)
+            results = _run_workload(cfg, config, ctx)
         except BaseException:
             error = traceback.format_exc()
-            metrics.finish(failed=True)
+            (folder / f"rank{rank}.error").write_text(error)
+            ctx.metrics.finish(failed=True)
             if rank == 0:
-                write_results(folder, {"config": config, "node_names": list(names), "plan": plan_dict(plan, cfg.workload), "error": error})
+                write_results(folder, {**_header(config, ctx), "error": error})
             raise
-        results = {
-            "config": config,
-            "job_id": env_job_id(),
-            "node_names": list(names),
-            "nodes": plan.nodes,
-            "virtual_nodes": cfg.resources.virtual_node_size is not None,
-            "plan": plan_dict(plan, cfg.workload),
-            "wall_s": time.time() - started,
-            **result,
-        }
-        summary = metrics.finish(summary=_scalars(results))
-        if rank == 0:
-            results["wandb"] = summary
-            write_results(folder, results)
-        dist.barrier()
         if results.get("failures"):
             raise RuntimeError("; ".join(results["failures"]))
         return results
     finally:
         dist.destroy_process_group()
+
+
+def _context(cfg: Any, folder: Path, device: Any, local_rank: int) -> RunContext:
+    """Discover where the ranks run, plan the ring, open W&B: the workload's context."""
+    import torch.distributed as dist
+
+    from ringctl.metrics import Metrics
+    from ringctl.plan import make_plan
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names: list[Any] = [None] * world
+    dist.all_gather_object(names, node_name())
+    topology = discover(cfg.topology, list(names), cfg.resources.virtual_node_size)
+    plan = make_plan(topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"))
+    ctx = RunContext(
+        cfg=cfg, rank=rank, world_size=world, local_rank=local_rank, device=device,
+        group=dist.group.WORLD, plan=plan, topology=topology, node_names=list(names),
+        folder=folder, metrics=Metrics(cfg, folder, rank, plan=plan, topology=topology),
+    )
+    ctx.ring_attention = _bound_ring_attention(ctx)
+    return ctx
+
+
+def _header(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """What results.json says about the run whatever the workload measured."""
+    return {
+        "config": config,
+        "job_id": env_job_id(),
+        "node_names": ctx.node_names,
+        "nodes": ctx.plan.nodes,
+        "virtual_nodes": ctx.cfg.resources.virtual_node_size is not None,
+        "plan": plan_dict(ctx.plan, ctx.cfg.workload),
+    }
+
+
+def _run_workload(cfg: Any, config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Run the workload; once every rank finished it, rank 0 writes results.json."""
+    import torch.distributed as dist
+
+    from ringctl.workloads import get_workload
+
+    started = time.time()
+    result = get_workload(cfg.workload.name)(cfg, ctx)
+    dist.barrier()  # every rank finished its workload (a crashed peer surfaces here)
+    results = {**_header(config, ctx), "wall_s": time.time() - started, **result}
+    summary = ctx.metrics.finish(summary=_scalars(results))
+    if ctx.rank == 0:
+        results["wandb"] = summary
+        write_results(ctx.folder, results)
+    return results
 
 
 def _bound_ring_attention(ctx: RunContext) -> Callable[..., Any]:

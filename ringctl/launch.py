@@ -112,7 +112,8 @@ def resources(cfg: Any) -> Resources:
     if gpus is None and kind == "local":
         gpus = 0  # local processes run on CPU with gloo unless launcher.gpus_per_node asks
     if gpus is None:
-        gpus = per_node if int(topo.get("gpus_per_node", 0) or 0) > 0 else 0
+        wants = int(topo.get("gpus_per_node", 0) or 0) > 0
+        gpus = per_node if wants and _cluster_has_gpus(cfg.launcher.get("partition")) else 0
     try:
         gpus = int(gpus)
     except (TypeError, ValueError):
@@ -130,6 +131,17 @@ def resources(cfg: Any) -> Resources:
     elif kind == "local":
         virtual = per_node
     return Resources(kind, nodes, per_node, gpus, virtual)
+
+
+def _cluster_has_gpus(partition: str | None) -> bool:
+    """Whether the SLURM partition's nodes offer GPU GRES (`sinfo %G`); a CPU-only cluster
+    such as slurm/dev-cluster runs a GPU topology's ranks on CPUs (gloo)."""
+    cmd = ["sinfo", "-h", "-o", "%G"] + (["-p", str(partition)] if partition else [])
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return True  # cannot tell: ask for what the topology says
+    return done.returncode != 0 or "gpu" in done.stdout
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

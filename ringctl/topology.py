@@ -49,7 +49,7 @@ def _is_number(value: Any) -> bool:
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
     """cfg[key] for mappings (DictConfig included) and attributes for dataclasses."""
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get") and not hasattr(cfg, "__dataclass_fields__"):
+    if isinstance(cfg, Mapping) or (hasattr(cfg, "get") and not hasattr(cfg, "__dataclass_fields__")):
         value = cfg.get(key, default)
     else:
         value = getattr(cfg, key, default)

@@ -93,8 +93,9 @@ def test_backward_sums_to_full_gradient(path: str, case: str) -> None:
     dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     expected = torch.autograd.grad(ref, leaves, dout)
 
-    dq1, dk1, dv1 = block._torch_backward(dout, q, k1, v1, out, lse, scale, q_pos, k1_pos, path=path)
-    dq2, dk2, dv2 = block._torch_backward(dout, q, k2, v2, out, lse, scale, q_pos, k2_pos, path=path)
+    bwd = block._torch_backward
+    dq1, dk1, dv1 = bwd(dout, q, k1, v1, out, lse, scale, q_pos, k1_pos, path=path)
+    dq2, dk2, dv2 = bwd(dout, q, k2, v2, out, lse, scale, q_pos, k2_pos, path=path)
     for name, got, want in zip(
         ("dq", "dk1", "dv1", "dk2", "dv2"), (dq1 + dq2, dk1, dv1, dk2, dv2), expected, strict=True
     ):
@@ -108,7 +109,9 @@ def test_low_precision_returns_float32(dtype: torch.dtype) -> None:
     assert out.dtype == lse.dtype == torch.float32
     ref_out, ref_lse = _naive(q.double(), k.double(), v.double(), 0.25, q_pos, k_pos)
     torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-5)
-    dq, dk, dv = block.block_backward(out.to(dtype), q, k, v, out, lse, scale=0.25, q_pos=q_pos, k_pos=k_pos)
+    dq, dk, dv = block.block_backward(
+        out.to(dtype), q, k, v, out, lse, scale=0.25, q_pos=q_pos, k_pos=k_pos
+    )
     assert dq.dtype == dk.dtype == dv.dtype == torch.float32
     assert dk.shape == k.shape and not dk.isnan().any()
 

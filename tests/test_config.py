@@ -77,7 +77,8 @@ def test_local_default_is_two_virtual_nodes() -> None:
     assert res.world_size == 4 and res.gpus_per_node == 0
 
 
-def test_slurm_tasks_per_node_capped() -> None:
+def test_slurm_tasks_per_node_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RINGCTL_MAX_RANKS_PER_NODE", raising=False)
     cfg = compose(["+topology=2node", "launcher=slurm", "launcher.max_ranks_per_node=3", "launcher.gpus_per_node=0"])
     res = resources(cfg)
     assert (res.kind, res.nodes, res.ranks_per_node, res.virtual_node_size) == ("slurm", 2, 3, None)
@@ -97,12 +98,14 @@ GOLDEN_CASES = {
 
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
 @pytest.mark.parametrize("array", [None, 4])
-def test_golden_sbatch(case: str, array: int | None) -> None:
+def test_golden_sbatch(case: str, array: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RINGCTL_MAX_RANKS_PER_NODE", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sinfo: GPUs as the topology says
     cfg = compose(["+topology=2node", "launcher=slurm", *GOLDEN_CASES[case]])
     res = resources(cfg)
     params = sbatch_parameters(cfg, res, "ringctl")
     text = _make_sbatch_string(
-        command="<PYTHON> -u -m submitit.core._submit <FOLDER>", folder="<FOLDER>", map_count=array, **params
+        command="<PYTHON> -u -m submitit.core._submit /runs/JOB", folder="/runs/JOB", map_count=array, **params
     )
     path = GOLDEN / f"{case}{'_array' + str(array) if array else ''}.sbatch"
     if os.environ.get("RINGCTL_REGEN_GOLDEN"):

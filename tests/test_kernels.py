@@ -1,10 +1,13 @@
 """Triton block kernels on the CPU, under triton's interpreter, against a float64 reference.
 
-TRITON_INTERPRET=1 must hold when the kernels are *defined* (triton.jit picks interpreter or
-compiler at decoration time), so it is set here before anything imports triton. Setting it
-for the rest of the pytest process is harmless: no other module runs triton kernels on the
-CPU, and the ring test passes it to its gloo processes explicitly. If another test module
-imported ringctl_kernels first (without the variable), the kernel modules are reloaded.
+TRITON_INTERPRET=1 must hold when triton and the kernels are *imported* (triton.jit picks
+interpreter or compiler at decoration time, triton's own tl.* helpers included), so it is
+set here, before this module imports triton; pytest imports test modules before running any
+test, and no other module imports triton at import time. Should one ever do so first, this
+module fails at collection with the fix (TRITON_INTERPRET=1 in the environment, or this
+line moved to a conftest.py) rather than run half-interpreted kernels. Leaving the variable
+set for the rest of the process is harmless: nothing else runs triton on the CPU, and the
+gloo workers of the ring test inherit it, as they must.
 
 The reference is plain matmul-softmax in float64 with the position mask, written here
 independently of the kernels; gradients come from autograd through it. Shapes are small and
@@ -15,12 +18,12 @@ several unequal q and kv tiles, ragged edges included.
 from __future__ import annotations
 
 import os
+import sys
 
+_TRITON_COMPILED_MODE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
@@ -28,10 +31,12 @@ import torch  # noqa: E402
 
 import ringctl_kernels  # noqa: E402
 
-if not ringctl_kernels.interpreting():
-    for _name in ("ringctl_kernels._common", "ringctl_kernels.attention_fwd",
-                  "ringctl_kernels.attention_bwd", "ringctl_kernels"):
-        importlib.reload(sys.modules[_name])
+if _TRITON_COMPILED_MODE or not ringctl_kernels.interpreting():
+    raise RuntimeError(
+        "triton was imported before tests/test_kernels.py set TRITON_INTERPRET=1, so its kernels "
+        "cannot run on the CPU in this process; run pytest with TRITON_INTERPRET=1 in the "
+        "environment (or set it in tests/conftest.py)"
+    )
 
 from ringctl_kernels import block_backward, block_forward  # noqa: E402
 
@@ -246,3 +251,69 @@ def test_int32_extent_is_checked() -> None:
     q = torch.zeros(1, 1, 1, 16).expand(1, 2**27 + 1, 1, 16)  # no memory: stride 0 view
     with pytest.raises(ValueError, match=r"spans >= 2\*\*31 elements per batch entry"):
         block_forward(q, q[:, :4], q[:, :4], scale=0.25)
+
+
+# ---------------------------------------------------------------- the ring through the kernels
+
+RING_WORLD = 2
+RING_CASES = [("zigzag", True, 4, 2), ("striped", True, 2, 2), ("contiguous", False, 4, 1)]
+
+
+def _ring_worker(rank: int, world: int) -> list[dict]:
+    """On each gloo rank: ring_attention with RINGCTL_BLOCK_IMPL=triton (interpreter)."""
+    os.environ["RINGCTL_BLOCK_IMPL"] = "triton"  # _dist sets only a default ("torch")
+    from ringctl.ring import ring_attention, shard_sequence
+
+    kernels_used = []  # a spy on the real kernels: the dispatcher must route here
+    real_forward = ringctl_kernels.block_forward
+
+    def counting_forward(*args, **kwargs):
+        kernels_used.append(1)
+        return real_forward(*args, **kwargs)
+
+    ringctl_kernels.block_forward = counting_forward
+    reports = []
+    for layout, causal, hq, hkv in RING_CASES:
+        q, k, v, dout = _ring_inputs(hq, hkv)
+        local = [shard_sequence(x, rank, world, layout=layout).requires_grad_() for x in (q, k, v)]
+        out = ring_attention(*local, causal=causal, layout=layout)
+        grads = torch.autograd.grad(out, local, shard_sequence(dout, rank, world, layout=layout))
+        # numpy arrays travel by value; tensors would go through shared memory owned by
+        # this process, which may have exited by the time the parent reads them
+        reports.append({"out": out.detach().numpy(), "grads": [g.detach().numpy() for g in grads]})
+    ringctl_kernels.block_forward = real_forward
+    return [{"kernel_calls": len(kernels_used)}, *reports]
+
+
+def _ring_inputs(hq: int, hkv: int, seq: int = 48, d: int = 16) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(hq * 10 + hkv)
+    shapes = [(1, seq, hq, d), (1, seq, hkv, d), (1, seq, hkv, d), (1, seq, hq, d)]
+    return [torch.randn(s, generator=gen) for s in shapes]
+
+
+def test_ring_attention_through_kernels_matches_sdpa() -> None:
+    pytest.importorskip("ringctl.ring.attention")  # the runtime (another module) is optional here
+    from _dist import run_workers
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ringctl.ring import shard_sequence
+
+    results = run_workers(_ring_worker, RING_WORLD)
+    assert all(r[0]["kernel_calls"] > 0 for r in results), "dispatcher did not use ringctl_kernels"
+    for i, (layout, causal, hq, hkv) in enumerate(RING_CASES):
+        q, k, v, dout = (x.double() for x in _ring_inputs(hq, hkv))
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                *(x.transpose(1, 2) for x in leaves), is_causal=causal, enable_gqa=True
+            ).transpose(1, 2)
+        ref_grads = torch.autograd.grad(ref, leaves, dout)
+        for rank, per_rank in enumerate(results):
+            got = per_rank[1 + i]
+            for name, g, w in zip(("out", "dq", "dk", "dv"), [got["out"], *got["grads"]],
+                                  [ref, *ref_grads]):
+                want = shard_sequence(w.detach(), rank, RING_WORLD, layout=layout)
+                torch.testing.assert_close(
+                    torch.from_numpy(g).double(), want, atol=3e-5, rtol=1e-4,
+                    msg=lambda m, n=name, r=rank: f"{layout} causal={causal} rank {r} {n}: {m}",
+                )

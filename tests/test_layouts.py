@@ -70,7 +70,9 @@ def test_bf16_roundtrip_keeps_bits() -> None:
         (lambda x: unshard_sequence([x, x], layout="ring"), "layout='ring'"),
     ],
 )
-def test_bad_input_raises_value_error(call: Callable[[torch.Tensor], object], fragment: str) -> None:
+def test_bad_input_raises_value_error(
+    call: Callable[[torch.Tensor], object], fragment: str
+) -> None:
     x = torch.zeros(2, 12, 3)
     with pytest.raises(ValueError) as info:
         call(x)

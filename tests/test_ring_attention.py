@@ -160,16 +160,17 @@ def test_arguments_that_differ_between_ranks_raise_everywhere(world: int) -> Non
     for rank, report in enumerate(_results(world)):
         errors = report["mismatch"]
         lengths = str([6] * (world - 1) + [4])
-        assert "S_local" in errors["seq"] and lengths in errors["seq"], f"rank {rank}: {errors['seq']}"
-        assert "dtype differs between ranks" in errors["dtype"], f"rank {rank}: {errors['dtype']}"
-        assert "causal differs between ranks" in errors["causal"], f"rank {rank}: {errors['causal']}"
+        assert "S_local" in errors["seq"] and lengths in errors["seq"], (rank, errors["seq"])
+        assert "dtype differs between ranks" in errors["dtype"], (rank, errors["dtype"])
+        assert "causal differs between ranks" in errors["causal"], (rank, errors["causal"])
 
 
 # ---------------------------------------------------------------- bad input, one process
 
 
-def _qkv(b: int = 1, s: int = 4, hq: int = 4, hkv: int = 2, d: int = 8, **kw: Any) -> list[torch.Tensor]:
-    return [torch.zeros(b, s, hq, d, **kw), torch.zeros(b, s, hkv, d, **kw), torch.zeros(b, s, hkv, d, **kw)]
+def _qkv(s: int = 4, hq: int = 4, hkv: int = 2, d: int = 8, **kw: Any) -> list[torch.Tensor]:
+    kv_shape = (1, s, hkv, d)
+    return [torch.zeros(1, s, hq, d, **kw), torch.zeros(kv_shape, **kw), torch.zeros(kv_shape, **kw)]
 
 
 @pytest.mark.parametrize(
@@ -180,7 +181,7 @@ def _qkv(b: int = 1, s: int = 4, hq: int = 4, hkv: int = 2, d: int = 8, **kw: An
         (lambda: _qkv(), {"layout": "spiral"}, "layout='spiral'"),
         (lambda: [_qkv()[0], _qkv(s=2)[1], _qkv(s=2)[2]], {}, "k.shape=(1, 2, 2, 8)"),
         (lambda: [*_qkv()[:2], _qkv(d=4)[2]], {}, "v.shape"),
-        (lambda: [_qkv()[0], _qkv(dtype=torch.float64)[1], _qkv()[2]], {}, "k has dtype torch.float64"),
+        (lambda: [_qkv()[0], _qkv(dtype=torch.float64)[1], _qkv()[2]], {}, "dtype torch.float64"),
         (lambda: [_qkv()[0], _qkv(device="meta")[1], _qkv()[2]], {}, "meta"),
         (lambda: _qkv(dtype=torch.int32), {}, "q.dtype=torch.int32"),
         (lambda: [torch.zeros(4, 4, 8), *_qkv()[1:]], {}, "q must have 4 dims"),

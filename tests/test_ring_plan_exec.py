@@ -145,7 +145,8 @@ def test_plan_matches_sdpa_and_predicted_bytes(spec: PlanSpec, layout: str, caus
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_bf16_bytes_count_kv_in_bf16_and_grads_in_float32(spec: PlanSpec) -> None:
     for rank, report in enumerate(_results(spec.world)):
-        assert report[f"{spec.name}-bf16"]["measured"] == report[f"{spec.name}-bf16"]["predicted"], rank
+        bf16 = report[f"{spec.name}-bf16"]
+        assert bf16["measured"] == bf16["predicted"], f"rank {rank}"
 
 
 def test_inter_node_bytes_fall_with_topology_awareness() -> None:

@@ -54,7 +54,8 @@ class JobRef:
         outcome = self.task_outcome()
         if self.kind == "slurm":
             state = str(self.submitit_job().state)
-            if state.upper() in ("UNKNOWN", "") and outcome is not None:
+            if state.upper() in ("UNKNOWN", "", "RUNNING", "COMPLETING") and outcome is not None:
+                # sacct lags behind the result file rank 0 writes as it ends
                 return "COMPLETED" if outcome == "success" else "FAILED"
             return state
         if (self.folder / CANCELLED_MARK).exists():

@@ -201,7 +201,7 @@ def _report(item: Any, console: Any) -> bool:
         item.job.results()
     except Exception as exc:  # submitit's FailedJobError carries the job's traceback
         console.print(f"[red]job {item.job_id} failed[/] (folder {item.folder})")
-        print(str(exc), file=sys.stderr)
+        print(root_cause(item.folder) or str(exc), file=sys.stderr)
         return False
     path = item.folder / "results.json"
     if not path.exists():
@@ -209,6 +209,18 @@ def _report(item: Any, console: Any) -> bool:
         return False
     summarise(json.loads(path.read_text()), path, console)
     return True
+
+
+def root_cause(folder: Path) -> str | None:
+    """The first traceback a rank wrote (rank<R>.error, by time): the peers' errors that
+    follow it are only "connection closed"."""
+    errors = sorted(folder.glob("rank*.error"), key=lambda p: p.stat().st_mtime)
+    if not errors:
+        return None
+    first = errors[0]
+    others = ", ".join(p.stem for p in errors[1:])
+    note = f" (then {others} failed too)" if others else ""
+    return f"{first.stem} failed first{note}:\n{first.read_text()}"
 
 
 def summarise(results: dict[str, Any], path: Path, console: Any) -> None:

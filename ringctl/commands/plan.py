@@ -73,7 +73,11 @@ def main(command: str, argv: list[str]) -> int:
         print(f"ringctl {command}: {exc}", file=sys.stderr)
         return 2
     if as_json:
-        print(json.dumps(data))
+        try:
+            print(json.dumps(data), flush=True)
+        except BrokenPipeError:  # `ringctl plan --json | head`: the reader left, not an error
+            sys.stdout = None  # type: ignore[assignment]  # no second failure at exit
+            return 0
     else:
         from ringctl.report import print_report
 

@@ -92,7 +92,9 @@ class _RingAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, dout: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.spec)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
@@ -171,6 +173,8 @@ class _Ring:
     the held block (the next level's whole ring, or a leaf compute), wait for the hop. With
     ``grad_shape`` set (backward), each block's dK/dV accumulator follows it one hop behind
     (tag 2*depth+1), sent after its visit and home after ``size`` hops; ``run`` returns it.
+    Double buffering: each (level, channel) receives alternately into two buffers; the one
+    written at step s was last sent at step s-1, whose hop has been waited for.
     """
 
     def __init__(
@@ -185,6 +189,13 @@ class _Ring:
         self.leaf = leaf
         self.grad_shape = grad_shape
         self._steps: list[int] = []
+        self._buffers: dict[int, list[torch.Tensor]] = {}
+
+    def _buffer(self, tag: int, step: int, like: torch.Tensor) -> torch.Tensor:
+        pair = self._buffers.setdefault(tag, [])
+        if len(pair) < 2:
+            pair.append(torch.empty_like(like))
+        return pair[step % 2]
 
     def run(self, kv: torch.Tensor) -> torch.Tensor | None:
         return self._level(0, kv)
@@ -193,16 +204,20 @@ class _Ring:
         level = self.schedule.levels[depth]
         acc_hop = None
         acc: torch.Tensor | None = None
+        kv_tag, acc_tag = 2 * depth, 2 * depth + 1
         for step in range(level.size):
-            last = step == level.size - 1
-            kv_hop = None if last else self.comm.hop(held, level.send_to, level.recv_from, 2 * depth)
+            kv_hop = None
+            if step + 1 < level.size:
+                into = self._buffer(kv_tag, step, held)
+                kv_hop = self.comm.hop(held, level.send_to, level.recv_from, kv_tag, into)
             self._steps.append(step)
             grads = self._visit(depth, held)
             self._steps.pop()
             if self.grad_shape is not None:
                 acc = _accumulate(acc_hop.wait() if acc_hop else None, grads, self.grad_shape, held)
                 if level.size > 1:
-                    acc_hop = self.comm.hop(acc, level.send_to, level.recv_from, 2 * depth + 1)
+                    into = self._buffer(acc_tag, step, acc)
+                    acc_hop = self.comm.hop(acc, level.send_to, level.recv_from, acc_tag, into)
             if kv_hop is not None:
                 held = kv_hop.wait()
         return acc_hop.wait() if acc_hop is not None else acc

@@ -206,10 +206,13 @@ def _torch_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = acc_dtype(q.dtype)
     b, sq, hq, d = q.shape
+    tile_forward = _tile_path(q, path)[0]
+    found = tiles(sq, k.shape[1], q_pos, k_pos)
+    if len(found) == 1 and found[0].rows == slice(0, sq):  # all rows: no copy into zeros
+        return tile_forward(*_tile_inputs(found[0], q, k, v, acc), scale, found[0])
     out = torch.zeros((b, sq, hq, d), dtype=acc, device=q.device)
     lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
-    tile_forward = _tile_path(q, path)[0]
-    for tile in tiles(sq, k.shape[1], q_pos, k_pos):
+    for tile in found:
         qt, kt, vt = _tile_inputs(tile, q, k, v, acc)
         o, l = tile_forward(qt, kt, vt, scale, tile)
         out[:, tile.rows] = o

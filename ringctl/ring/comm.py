@@ -72,11 +72,21 @@ class RingComm:
         self.phase = phase
         self._link_class = link_class
 
-    def hop(self, tensor: torch.Tensor, send_to: int, recv_from: int, tag: int) -> Hop:
-        """Send ``tensor`` to ``send_to`` and receive its successor from ``recv_from``."""
-        if not tensor.is_contiguous():
+    def hop(
+        self,
+        tensor: torch.Tensor,
+        send_to: int,
+        recv_from: int,
+        tag: int,
+        into: torch.Tensor | None = None,
+    ) -> Hop:
+        """Send ``tensor`` to ``send_to``; receive its successor from ``recv_from`` into
+        ``into`` (a buffer like ``tensor``, not in flight; a new one if None)."""
+        received = torch.empty_like(tensor) if into is None else into
+        if not (tensor.is_contiguous() and received.is_contiguous()):
             raise RuntimeError("ring hops need contiguous tensors (gloo refuses others)")
-        received = torch.empty_like(tensor)
+        if received.shape != tensor.shape or received.dtype != tensor.dtype:
+            raise RuntimeError("a hop receives into a buffer of the sent tensor's shape and dtype")
         ops = [
             dist.P2POp(dist.isend, tensor, group=self.group, group_peer=send_to, tag=tag),
             dist.P2POp(dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag),

@@ -78,7 +78,8 @@ def shard_sequence(
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     check_layout(layout)
     check_world_size(world_size)
-    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < world_size:
+    is_int = isinstance(position, int) and not isinstance(position, bool)
+    if not is_int or not 0 <= position < world_size:
         raise ValueError(f"position={position!r} must be an int in [0, {world_size})")
     dim = _check_dim(x, dim, "x")
     seq_len = x.shape[dim]

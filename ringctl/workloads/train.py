@@ -116,7 +116,7 @@ def reference_losses(w: Any, steps: int, device: torch.device | None = None) -> 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -1,0 +1,155 @@
+"""The real SLURM dev cluster (slurm/dev-cluster): jobs on two nodes, accounting states, and
+the emulated fabric (one network namespace per node, tbf-throttled NICs).
+
+Teardown of both fixtures checks that `down` removed everything `up` made (daemons,
+state folder, /etc/hosts lines, namespaces, veths, bridge).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import (
+    DEV_CLUSTER, DevCluster, DevClusterError, cluster_state_dir, require_dev_cluster, start, stop,
+)
+
+FABRIC_MBIT = 200  # inter-node rate of the fabric fixture: 25 MB/s, so 8 MB take ~0.3 s
+FABRIC_NICS = 2
+PROBE = Path(__file__).with_name("fabric_probe.py")
+
+
+@pytest.fixture(scope="module")
+def slurm_fabric_cluster() -> Iterator[DevCluster]:
+    """2 nodes, each in its own network namespace with 2 NICs (one per rank) at 200 Mbit/s."""
+    require_dev_cluster()
+    try:
+        cluster = start(
+            cluster_state_dir("fabric"), nodes=2, cpus=4, prefix=f"f{os.getpid() % 100000}n",
+            fabric=f"inter={FABRIC_MBIT}mbit,nics={FABRIC_NICS}",
+        )
+    except DevClusterError as err:
+        pytest.fail(str(err), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        stop(cluster)
+
+
+def test_srun_runs_one_task_on_each_node(slurm_cluster: DevCluster) -> None:
+    out = slurm_cluster.run("srun", "-N2", "--ntasks-per-node=1", "printenv", "SLURMD_NODENAME").stdout
+    assert sorted(out.split()) == sorted(slurm_cluster.node_names)
+
+
+def test_nodes_declare_more_cpus_than_the_host_has(slurm_cluster: DevCluster) -> None:
+    cpus = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %c").stdout.split()
+    assert cpus == [x for name in slurm_cluster.node_names for x in (name, str(slurm_cluster.cpus_per_node))]
+    ranks = slurm_cluster.run(
+        "srun", "-N1", f"-n{slurm_cluster.cpus_per_node}", "printenv", "SLURM_PROCID"
+    ).stdout.split()
+    assert sorted(map(int, ranks)) == list(range(slurm_cluster.cpus_per_node))
+
+
+def test_sbatch_job_on_two_nodes_is_completed_in_accounting(slurm_cluster: DevCluster, tmp_path: Path) -> None:
+    job_id = slurm_cluster.run(
+        "sbatch", "--parsable", "--wait", "-N2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out",
+        "--wrap", "srun printenv SLURMD_NODENAME",
+    ).stdout.strip()
+    assert job_id.isdigit(), job_id
+    ran_on = (tmp_path / f"{job_id}.out").read_text().split()
+    assert sorted(ran_on) == sorted(slurm_cluster.node_names)
+    assert slurm_cluster.wait_sacct_state(job_id, {"COMPLETED", "FAILED"}) == "COMPLETED"
+    nnodes = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NNodes").stdout.split()
+    assert nnodes == ["2"]
+
+
+def test_cancelled_job_is_cancelled_in_accounting(slurm_cluster: DevCluster) -> None:
+    job_id = slurm_cluster.run("sbatch", "--parsable", "-N1", "--output=/dev/null", "--wrap", "sleep 600").stdout.strip()
+    try:
+        end = time.monotonic() + 30
+        while slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip() != "RUNNING":
+            assert time.monotonic() < end, f"job {job_id} never started"
+            time.sleep(0.2)
+    finally:
+        slurm_cluster.run("scancel", job_id)
+    assert slurm_cluster.wait_sacct_state(job_id, {"CANCELLED", "COMPLETED", "FAILED"}) == "CANCELLED"
+
+
+def test_up_refuses_a_state_dir_whose_cluster_is_up(slurm_cluster: DevCluster) -> None:
+    proc = subprocess.run(
+        ["bash", str(DEV_CLUSTER), "up", "--state-dir", str(slurm_cluster.state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "already up" in proc.stderr
+    assert slurm_cluster.run("sinfo", "-h", "-o", "%T").stdout.split() == ["idle"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], "--nodes 0: allowed 1..64"),
+        (["--fabric", "inter=fast"], "--fabric inter=fast: not a rate"),
+        (["--fabric", "inter=1gbit,nics=0"], "--fabric nics=0: allowed 1..16"),
+        (["--fabric", "speed=1gbit"], "unknown key 'speed' (allowed: inter, nics, burst, latency)"),
+        (["--prefix", "Node_"], "--prefix Node_"),
+    ],
+)
+def test_up_rejects_bad_input_and_makes_nothing(args: list[str], message: str, tmp_path: Path) -> None:
+    state_dir = tmp_path / "cluster"
+    proc = subprocess.run(
+        ["bash", str(DEV_CLUSTER), "up", "--state-dir", str(state_dir), *args],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not state_dir.exists()
+    assert str(state_dir) not in Path("/etc/hosts").read_text()
+
+
+def test_fabric_places_each_node_in_its_own_namespace(slurm_fabric_cluster: DevCluster) -> None:
+    script = (
+        'echo "$SLURMD_NODENAME $SLURM_LOCALID $GLOO_SOCKET_IFNAME $RINGCTL_NICS $(readlink /proc/self/ns/net)'
+        ' $(getent hosts $SLURMD_NODENAME | cut -d" " -f1)'
+        ' $(ip -o -4 addr show dev eth0 | awk \'{split($4, a, "/"); print a[1]}\')"'
+    )
+    out = slurm_fabric_cluster.run("srun", "-N2", f"--ntasks-per-node={FABRIC_NICS}", "bash", "-c", script).stdout
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == 2 * FABRIC_NICS
+    netns: dict[str, set[str]] = {}
+    for node, local, ifname, nics, ns, resolved, eth0_addr in rows:
+        assert ifname == f"eth{int(local) % FABRIC_NICS}"  # rank l binds gloo to its own NIC
+        assert nics == ",".join(f"eth{j}" for j in range(FABRIC_NICS))
+        assert resolved == eth0_addr  # the node's name resolves to its fabric address
+        netns.setdefault(node, set()).add(ns)
+    assert sorted(netns) == sorted(slurm_fabric_cluster.node_names)
+    per_node = [next(iter(s)) for s in netns.values() if len(s) == 1]
+    assert len(per_node) == 2 and per_node[0] != per_node[1]
+    assert os.readlink("/proc/self/ns/net") not in per_node
+
+
+def test_fabric_throttles_traffic_between_nodes_not_inside_them(
+    slurm_fabric_cluster: DevCluster, tmp_path: Path
+) -> None:
+    """Both rails at once: each cross-node transfer gets the tbf rate (one NIC per rank),
+    while each rank's transfer to its own address stays on the namespace's loopback."""
+    out = slurm_fabric_cluster.run(
+        "srun", "-N2", f"--ntasks-per-node={FABRIC_NICS}", sys.executable, str(PROBE),
+        "--dir", str(tmp_path), "--mb", "8", timeout=120,
+    ).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    rate = FABRIC_MBIT / 8  # MB/s
+    cross = sorted(r["cross_MBps"] for r in records if "cross_MBps" in r)
+    loop = sorted(r["loop_MBps"] for r in records)
+    print(f"\nfabric {FABRIC_MBIT} Mbit/s = {rate:.0f} MB/s: cross-node MB/s {cross}, loopback MB/s {loop}")
+    assert len(cross) == FABRIC_NICS and len(loop) == 2 * FABRIC_NICS
+    for mbps in cross:
+        assert 0.7 * rate <= mbps <= 1.1 * rate, f"cross-node {mbps:.1f} MB/s, tbf rate {rate} MB/s"
+    assert loop[0] >= 3 * rate, f"loopback {loop[0]:.1f} MB/s, not well above the {rate} MB/s fabric"

@@ -1,0 +1,155 @@
+"""`ringctl launch` on a real SLURM cluster (slurm/dev-cluster, started by the `slurm_cluster`
+fixture): two SLURM nodes, a sweep as ONE job array, cancel, and a failing workload.
+
+The dev cluster's nodes are CPU-only and declare 8 CPUs each; RINGCTL_MAX_RANKS_PER_NODE=2
+(the slurm launcher's cap, conf/launcher/slurm.yaml) keeps the 2node topology at 2 ranks
+per node on this 2-core machine. Every command is the real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+USER_MODULE = '''
+import time
+
+def boom(cfg, ctx):
+    if ctx.rank == 1:
+        raise ValueError("user code exploded on rank 1")
+    return {"rank": ctx.rank}
+
+def sleepy(cfg, ctx):
+    time.sleep(300)
+'''
+
+
+class Cli:
+    """The ringctl CLI against the test cluster, with its own runs root."""
+
+    def __init__(self, cluster_env: dict[str, str], root: Path) -> None:
+        (root / "userpkg").mkdir(parents=True)
+        (root / "userpkg" / "ringctl_test_user.py").write_text(USER_MODULE)
+        self.runs = root / "runs"
+        self.env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+        self.env.update(cluster_env)
+        self.env.update(
+            RINGCTL_RUNS=str(self.runs), RINGCTL_MAX_RANKS_PER_NODE="2", WANDB_SILENT="true",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(root / "userpkg"), os.environ.get("PYTHONPATH")])),
+        )
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ringctl", *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    def index(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (self.runs / "index.jsonl").read_text().splitlines()]
+
+    def sacct(self, job_id: str) -> str:
+        out = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State%30"], capture_output=True, text=True, env=self.env, timeout=30)
+        return out.stdout.strip()
+
+    def final_state(self, job_id: str, timeout: float = 60) -> str:
+        """SLURM's state once the job left RUNNING/COMPLETING (ringctl returns as soon as
+        the results are in; slurmctld records the end a moment later)."""
+        _wait_for(lambda: self.sacct(job_id) not in ("", "PENDING", "RUNNING", "COMPLETING"), timeout)
+        return self.sacct(job_id)
+
+
+def cluster_env(cluster: Any) -> dict[str, str]:
+    """SLURM_CONF (and whatever else) the fixture says clients need."""
+    env = getattr(cluster, "env", None)
+    if isinstance(env, dict):
+        return {k: str(v) for k, v in env.items()}
+    return {"SLURM_CONF": str(getattr(cluster, "slurm_conf"))}
+
+
+@pytest.fixture(scope="module")
+def cli(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    return Cli(cluster_env(slurm_cluster), tmp_path_factory.mktemp("slurm-launch"))
+
+
+def test_two_slurm_nodes(cli: Cli) -> None:
+    done = cli("launch", "+topology=2node", "launcher=slurm")
+    assert done.returncode == 0, done.stdout + done.stderr
+    [entry] = [e for e in cli.index() if e["overrides"] == ["+topology=2node", "launcher=slurm"]]
+    assert entry["kind"] == "slurm"
+    results = json.loads((Path(entry["folder"]) / "results.json").read_text())
+    names = results["node_names"]
+    assert len(names) == 4 and len(set(names)) == 2, names  # SLURMD_NODENAME, not the shared hostname
+    assert names[0] == names[1] != names[2] == names[3]  # block distribution: 2 ranks per node
+    assert results["nodes"] == 2 and results["virtual_nodes"] is False
+    assert results["plan"]["nodes"] == 2 and results["plan"]["node_names"] == sorted(set(names), key=names.index)
+    assert results["check"]["passed"] and results["check"]["max_error"] <= 1e-9
+    for phase in ("forward", "backward"):
+        for link in ("intra", "inter"):
+            assert results["bytes"][phase][link]["measured"] == results["bytes"][phase][link]["predicted"]
+    assert results["bytes"]["forward"]["inter"]["measured_total"] > 0
+    assert Path(results["wandb"]["run_dir"]).is_dir()
+    assert cli.final_state(entry["job_id"]) == "COMPLETED"
+
+
+def test_sweep_is_one_job_array(cli: Cli) -> None:
+    before = len(cli.index())
+    done = cli(
+        "launch", "+topology=2node", "launcher=slurm", "wandb=disabled", "workload.warmup=0", "workload.iters=1",
+        "-m", "workload.seq_len=512,1024", "topology.ring=flat,hierarchical", "wait=true",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    entries = cli.index()[before:]
+    assert len(entries) == 4
+    arrays = {e["job_id"].split("_")[0] for e in entries}
+    assert len(arrays) == 1, entries  # one sbatch --array
+    assert sorted(e["job_id"].split("_")[1] for e in entries) == ["0", "1", "2", "3"]
+    assert "array" in done.stdout and entries[0]["job_id"] in done.stdout
+    seen = set()
+    for entry in entries:
+        results = json.loads((Path(entry["folder"]) / "results.json").read_text())
+        point = (results["config"]["workload"]["seq_len"], results["plan"]["ring"])
+        assert f"workload.seq_len={point[0]}" in entry["overrides"] and f"topology.ring={point[1]}" in entry["overrides"]
+        assert results["check"]["passed"]
+        seen.add(point)
+        assert cli.final_state(entry["job_id"]) == "COMPLETED"
+    assert seen == {(512, "flat"), (512, "hierarchical"), (1024, "flat"), (1024, "hierarchical")}
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def test_cancel(cli: Cli) -> None:
+    done = cli("launch", "+topology=2node", "launcher=slurm", "wandb=disabled", "workload=custom",
+               "workload.entry=ringctl_test_user:sleepy", "wait=false")
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = cli.index()[-1]["job_id"]
+    assert f"submitted job {job_id}" in done.stdout
+    assert _wait_for(lambda: "running" in cli("status", job_id).stdout, 120), cli("status", job_id).stdout
+    cancelled = cli("cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert _wait_for(lambda: cli.sacct(job_id).startswith("CANCELLED"), 60), cli.sacct(job_id)
+    status = cli("status", job_id)
+    assert f"job {job_id} (slurm): cancelled (CANCELLED" in status.stdout, status.stdout
+
+
+def test_failing_workload_surfaces_traceback(cli: Cli) -> None:
+    done = cli("launch", "+topology=2node", "launcher=slurm", "wandb=disabled", "workload=custom",
+               "workload.entry=ringctl_test_user:boom")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "rank1 failed first" in done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+    assert 'raise ValueError("user code exploded on rank 1")' in done.stderr
+    job_id = cli.index()[-1]["job_id"]
+    assert cli.final_state(job_id) == "FAILED"
+    results = json.loads((Path(cli.index()[-1]["folder"]) / "results.json").read_text())
+    assert "ValueError" in results["error"] or "rank" in results["error"]
