@@ -18,12 +18,16 @@ Goals (issue 5): kernel >= 0.9x SDPA throughput; blockwise >= 0.92x one SDPA cal
 
 FLOPs count the two (forward) and five (backward) matmuls, halved when causal: forward
 4*B*H*S*S*D, backward 2.5x that. The first run of each shape autotunes the kernels (minutes
-the first time, cached afterwards); that time is not measured.
+the first time, cached afterwards); that time is not measured. ``--no-autotune`` skips it
+(one default config per kernel), e.g. for a check that must fit a short GPU lease:
+
+    python bench/kernels.py --no-autotune --seqlens 4096 16384
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="number of blocks W for the blockwise table")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--skip-blockwise", action="store_true")
+    ap.add_argument("--no-autotune", action="store_true",
+                    help="one default config per kernel (RINGCTL_KERNELS_AUTOTUNE=0): fast start")
     ap.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement")
     ap.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement")
     return ap.parse_args(argv)
@@ -250,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
               "the CPU checks of the kernels are tests/test_kernels.py", file=sys.stderr)
         return 2
+    if args.no_autotune:
+        os.environ["RINGCTL_KERNELS_AUTOTUNE"] = "0"  # read when ringctl_kernels is imported
     import triton
 
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}")
+          f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}, "
+          f"autotune {'off' if args.no_autotune else 'on'}")
     kernel_table(args)
     if not args.skip_blockwise:
         blockwise_table(args)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,21 +54,8 @@ class Shape:
         return tuple(torch.randn(x, generator=gen).to(dtype) for x in [*shapes, shapes[0]])
 
 
-def _best(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def time_sdpa(shape: Shape, threads: int, repeats: int) -> float:
-    torch.set_num_threads(threads)
+def _sdpa_step(shape: Shape) -> Callable[[], None]:
+    """fwd+bwd of SDPA on the whole sequence (run by one process)."""
     q, k, v, dout = (x.transpose(1, 2) for x in shape.inputs())
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
@@ -75,10 +63,11 @@ def time_sdpa(shape: Shape, threads: int, repeats: int) -> float:
         out = F.scaled_dot_product_attention(*leaves, is_causal=shape.causal, enable_gqa=True)
         torch.autograd.grad(out, leaves, dout)
 
-    return _best(step, repeats)
+    return step
 
 
-def _rank_main(rank: int, world: int, port: int, shape: Shape, threads: int, repeats: int, results) -> None:  # type: ignore[no-untyped-def]
+def _contenders(rank: int, world: int, shape: Shape) -> dict[str, Callable[[], Any]]:
+    """What each rank runs per contender; SDPA runs on rank 0 only, the others wait."""
     from torch.distributed.tensor.experimental._attention import (
         _cp_options,
         _templated_ring_attention,
@@ -86,73 +75,93 @@ def _rank_main(rank: int, world: int, port: int, shape: Shape, threads: int, rep
 
     from ringctl.ring import ring_attention, shard_sequence
 
+    full = shape.inputs()
+    q, k, v, dout = (shard_sequence(x, rank, world, layout=shape.layout) for x in full)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def ring_fwd_bwd() -> None:
+        out = ring_attention(*leaves, causal=shape.causal, layout=shape.layout)
+        torch.autograd.grad(out, leaves, dout)
+
+    def ring_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return ring_attention(q, k, v, causal=shape.causal, layout=shape.layout)
+
+    groups = shape.heads // shape.kv_heads
+    tq = q.transpose(1, 2)
+    tk, tv = (x.repeat_interleave(groups, dim=2).transpose(1, 2) for x in (k, v))
+    # torch's load balance is round-robin (= zigzag) and it refuses it when not causal
+    _cp_options.enable_load_balance = shape.causal
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def torch_ring_fwd() -> torch.Tensor:
+        with torch.no_grad():
+            out, *_ = _templated_ring_attention(
+                dist.group.WORLD, 2, op, tq, tk, tv, is_causal=shape.causal
+            )
+        return out.transpose(1, 2)
+
+    sdpa = _sdpa_step(shape) if rank == 0 else (lambda: None)
+    return {
+        "sdpa_fwd_bwd": sdpa,
+        "ring_fwd_bwd": ring_fwd_bwd,
+        "ring_fwd": ring_fwd,
+        "torch_ring_fwd": torch_ring_fwd,
+    }
+
+
+def _rank_main(
+    rank: int, world: int, port: int, shape: Shape, cores: int, repeats: int, results: Any
+) -> None:
+    """One rank: rounds of every contender back to back, so load drift hits all alike."""
+    threads = max(1, cores // world)
     torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=300),
+        timeout=timedelta(seconds=600),
     )  # fmt: skip
     try:
-        full = shape.inputs()
-        q, k, v, dout = (shard_sequence(x, rank, world, layout=shape.layout) for x in full)
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-
-        def ring_fwd_bwd() -> None:
-            out = ring_attention(*leaves, causal=shape.causal, layout=shape.layout)
-            torch.autograd.grad(out, leaves, dout)
-
-        def ring_fwd() -> torch.Tensor:
-            with torch.no_grad():
-                return ring_attention(q, k, v, causal=shape.causal, layout=shape.layout)
-
-        groups = shape.heads // shape.kv_heads
-        tq, tk, tv = (
-            x.repeat_interleave(groups, dim=2).transpose(1, 2) if x is not q else x.transpose(1, 2)
-            for x in (q, k, v)
-        )
-        _cp_options.enable_load_balance = shape.causal  # round-robin == zigzag; torch refuses it otherwise
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-        def torch_fwd() -> torch.Tensor:
-            with torch.no_grad():
-                out, *_ = _templated_ring_attention(
-                    dist.group.WORLD, 2, op, tq, tk, tv, is_causal=shape.causal
-                )
-            return out
-
-        diff = float((ring_fwd().float() - torch_fwd().transpose(1, 2).float()).abs().max())
-        barrier = dist.barrier
-        times = {
-            "ring_fwd_bwd": _best(ring_fwd_bwd, repeats, barrier),
-            "ring_fwd": _best(ring_fwd, repeats, barrier),
-            "torch_ring_fwd": _best(torch_fwd, repeats, barrier),
-        }
-        results.put((rank, times, diff))
+        runs = _contenders(rank, world, shape)
+        diff = float((runs["ring_fwd"]().float() - runs["torch_ring_fwd"]().float()).abs().max())
+        rounds: list[dict[str, float]] = []
+        for _ in range(repeats + 1):  # round 0 warms up
+            times = {}
+            for name, run in runs.items():
+                torch.set_num_threads(cores if name.startswith("sdpa") else threads)
+                dist.barrier()
+                start = time.perf_counter()
+                run()
+                dist.barrier()
+                times[name] = time.perf_counter() - start
+            rounds.append(times)
+        results.put((rank, rounds[1:], diff))
     finally:
         dist.destroy_process_group()
 
 
-def time_ring(shape: Shape, world: int, threads: int, repeats: int) -> tuple[dict[str, float], float]:
-    """Per-phase wall time (slowest rank) and max |ringctl - torch ring| of the forward."""
+def measure(shape: Shape, world: int, cores: int, repeats: int) -> tuple[list[dict[str, float]], float]:
+    """Rank 0's per-round wall times (barriers on both sides) and max |ringctl - torch|."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, shape, threads, repeats, results))
+        ctx.Process(target=_rank_main, args=(r, world, port, shape, cores, repeats, results))
         for r in range(world)
     ]
     for proc in procs:
         proc.start()
-    reports = [results.get(timeout=1800) for _ in range(world)]
+    reports = sorted((results.get(timeout=3600) for _ in range(world)), key=lambda r: r[0])
     for proc in procs:
         proc.join()
-    times = {key: max(r[1][key] for r in reports) for key in reports[0][1]}
-    return times, max(r[2] for r in reports)
+    return reports[0][1], max(r[2] for r in reports)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ringctl.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ringctl.bench", description=(__doc__ or "").split("\n")[0]
+    )
     parser.add_argument("--world", default="2", help="comma-separated world sizes (default 2)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=8192, help="global sequence length")
@@ -167,25 +176,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     layout = args.layout or ("zigzag" if args.causal else "contiguous")
     if args.causal and layout != "zigzag":
-        parser.error("torch's causal ring balances load round-robin (= zigzag); use --layout zigzag")
+        parser.error("torch's causal ring balances load round-robin (zigzag): use --layout zigzag")
     shape = Shape(
         args.batch, args.seq, args.heads, args.kv_heads or args.heads, args.head_dim,
         args.dtype, args.causal, layout,
     )  # fmt: skip
-    print(f"{shape}; {args.cores} cores; median of {args.repeats} runs")
-    sdpa = time_sdpa(shape, args.cores, args.repeats)
-    print(f"one-process SDPA fwd+bwd ({args.cores} threads): {sdpa * 1e3:9.1f} ms")
+    print(f"{shape}; {args.cores} cores; medians of {args.repeats} interleaved rounds")
     for world in (int(w) for w in args.world.split(",")):
+        rounds, diff = measure(shape, world, args.cores, args.repeats)
+        ms = {key: 1e3 * statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        vs_sdpa = statistics.median(r["ring_fwd_bwd"] / r["sdpa_fwd_bwd"] for r in rounds)
+        vs_torch = statistics.median(r["ring_fwd"] / r["torch_ring_fwd"] for r in rounds)
         threads = max(1, args.cores // world)
-        times, diff = time_ring(shape, world, threads, args.repeats)
         print(
-            f"W={world} ({threads} thread(s) each): ring fwd+bwd {times['ring_fwd_bwd'] * 1e3:9.1f} ms"
-            f"  -> {times['ring_fwd_bwd'] / sdpa:5.2f}x SDPA (goal <= 1.3x)"
+            f"W={world} ({threads} thread(s) per rank): ring fwd+bwd {ms['ring_fwd_bwd']:8.1f} ms,"
+            f" one-process SDPA fwd+bwd ({args.cores} threads) {ms['sdpa_fwd_bwd']:8.1f} ms"
+            f" -> {vs_sdpa:.2f}x (goal <= 1.3x)"
         )
         print(
-            f"    ring fwd {times['ring_fwd'] * 1e3:9.1f} ms, torch ring fwd "
-            f"{times['torch_ring_fwd'] * 1e3:9.1f} ms -> {times['ring_fwd'] / times['torch_ring_fwd']:5.2f}x"
-            f" torch's ring (goal <= 1.0x); max |ringctl - torch| = {diff:.2e}"
+            f"    ring fwd {ms['ring_fwd']:8.1f} ms, torch's ring fwd {ms['torch_ring_fwd']:8.1f} ms"
+            f" -> {vs_torch:.2f}x (goal <= 1.0x); max |ringctl - torch| = {diff:.2e}"
         )
 
 

@@ -41,6 +41,8 @@ class TopologyConfig:
     intra: LinkConfig = field(default_factory=LinkConfig)
     inter: LinkConfig = field(default_factory=lambda: LinkConfig(bandwidth_GBps=50.0, latency_us=5.0))
     ring: str = "flat"  # flat | hierarchical
+    # node: node-contiguous ring order (topology-aware); rank: ring 0..W-1 (baseline, flat only)
+    order: str = "node"
     distribution: str = "block"  # block | cyclic: how SLURM places ranks on nodes
     # ranks per virtual node when one machine stands in for several nodes (null = real hostnames)
     virtual_node_size: Any = None

@@ -137,16 +137,19 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     folder = _job_folder()
     device, env, _ = _init_distributed(cfg)
     rank = dist.get_rank()
+    ctx: RunContext | None = None
     try:
-        ctx = _context(cfg, folder, device, env.local_rank)
         try:
+            ctx = _context(cfg, folder, device, env.local_rank)
             results = _run_workload(cfg, config, ctx)
         except BaseException:
             error = traceback.format_exc()
             (folder / f"rank{rank}.error").write_text(error)
-            ctx.metrics.finish(failed=True)
+            if ctx is not None:
+                ctx.metrics.finish(failed=True)
             if rank == 0:
-                write_results(folder, {**_header(config, ctx), "error": error})
+                header = _header(config, ctx) if ctx is not None else {"config": config}
+                write_results(folder, {**header, "error": error})
             raise
         if results.get("failures"):
             raise RuntimeError("; ".join(results["failures"]))
@@ -166,7 +169,10 @@ def _context(cfg: Any, folder: Path, device: Any, local_rank: int) -> RunContext
     names: list[Any] = [None] * world
     dist.all_gather_object(names, node_name())
     topology = discover(cfg.topology, list(names), cfg.resources.virtual_node_size)
-    plan = make_plan(topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"))
+    plan = make_plan(
+        topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"),
+        order=cfg.topology.get("order", "node"),
+    )
     ctx = RunContext(
         cfg=cfg, rank=rank, world_size=world, local_rank=local_rank, device=device,
         group=dist.group.WORLD, plan=plan, topology=topology, node_names=list(names),

@@ -20,7 +20,7 @@ from typing import Any
 
 import submitit
 
-from ringctl.config import DTYPES, LAUNCHER_KINDS, LAYOUTS, WANDB_MODES
+from ringctl.config import DTYPES, LAUNCHER_KINDS, LAYOUTS, WANDB_MODES, TopologyConfig
 from ringctl.errors import ConfigError
 
 #: the file (under the runs root) mapping job id -> job folder, one JSON object a line
@@ -89,9 +89,9 @@ def _positive_int(key: str, value: Any, allowed: str = "an integer >= 1") -> int
 def resources(cfg: Any) -> Resources:
     """Nodes and ranks per node from the topology, capped by the launcher."""
     kind = resolve_kind(str(cfg.launcher.kind))
-    topo = cfg.topology
-    nodes = _positive_int("topology.nodes", topo.get("nodes", 1))
-    per_node = topo.get("ranks_per_node", 1)
+    topo, defaults = cfg.topology, TopologyConfig()  # keys a topology leaves out: the schema's
+    nodes = _positive_int("topology.nodes", topo.get("nodes", defaults.nodes))
+    per_node = topo.get("ranks_per_node", defaults.ranks_per_node)
     if not isinstance(per_node, int):
         counts = [_positive_int("topology.ranks_per_node", n) for n in per_node]
         if len(set(counts)) != 1:
@@ -257,14 +257,15 @@ def _check_entry(entry: str) -> None:
 
 def _check_plan(cfg: Any, res: Resources) -> None:
     """The planner sees the same topology the job will discover; its errors are config errors."""
-    try:
-        from ringctl.job import planned_topology
-        from ringctl.plan import make_plan
-    except ImportError:  # the planner is optional for validation (it is built separately)
-        return
+    from ringctl.job import planned_topology
+    from ringctl.plan import make_plan
+
     try:
         topology = planned_topology(cfg, res)
-        make_plan(topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"))
+        make_plan(
+            topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"),
+            order=cfg.topology.get("order", "node"),
+        )
     except ConfigError:
         raise
     except ValueError as exc:

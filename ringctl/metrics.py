@@ -40,18 +40,17 @@ class Metrics:
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         if plan is not None:
-            self._log_plan(plan, topology)
+            self._log_plan(plan, topology, cfg.workload)
 
-    def _log_plan(self, plan: Any, topology: Any) -> None:
+    def _log_plan(self, plan: Any, topology: Any, workload_cfg: Any) -> None:
         """The plan picture (ringctl.report) as a W&B image and a file in the job folder."""
-        try:
-            from ringctl.report import plan_png
-        except ImportError:
-            return
         import wandb
 
+        from ringctl.plan import Workload
+        from ringctl.report import plan_png
+
         path = self.folder / "plan.png"
-        plan_png(plan, path, topology=topology)
+        plan_png(plan, path, topology=topology, workload=Workload.from_config(workload_cfg))
         self.run.log({"plan": wandb.Image(str(path))}, step=0)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -27,6 +27,8 @@ from ringctl.errors import ConfigError
 from ringctl.topology import LINKS, LinkClass, Topology
 
 ALGORITHMS = ("flat", "hierarchical")
+#: ring order of a flat ring: node-contiguous (topology-aware) or rank order (the baseline)
+ORDERS = ("node", "rank")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 PHASES = ("forward", "backward")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -280,20 +282,21 @@ def _counts(rank_to_node: tuple[int, ...], nodes: int) -> list[int]:
 
 def make_plan(topology: Topology, layout: str = "zigzag", algorithm: str = "flat", *, order: str = "node") -> RingPlan:
     """The plan for `topology`. order="node" (default): node-contiguous ring order;
-    order="rank": the rank-order ring 0..W-1 (the baseline; flat only)."""
+    order="rank": the rank-order ring 0..W-1 (the topology-blind baseline; flat only), so
+    the baseline can run as a real job (`topology.order=rank`)."""
     if algorithm not in ALGORITHMS:
         raise ConfigError("topology.ring", algorithm, " | ".join(ALGORITHMS))
     if layout not in LAYOUTS:
         raise ConfigError("workload.layout", layout, " | ".join(LAYOUTS))
+    if order not in ORDERS:
+        raise ConfigError("topology.order", order, " | ".join(ORDERS))
     world = topology.world_size
     if order == "rank":
         if algorithm != "flat":
-            raise ValueError("order='rank' is the flat baseline ring; use algorithm='flat'")
+            raise ConfigError("topology.order", order, "node with topology.ring=hierarchical (the rank-order ring is flat only)")
         ring_order = tuple(range(world))
-    elif order == "node":
-        ring_order = tuple(r for ranks in topology.ranks_of_nodes() for r in ranks)
     else:
-        raise ValueError(f"order={order!r} is invalid; allowed: node | rank")
+        ring_order = tuple(r for ranks in topology.ranks_of_nodes() for r in ranks)
     inner = world
     if algorithm == "hierarchical":
         if not topology.is_even:

@@ -157,9 +157,19 @@ def leftovers(cluster: DevCluster) -> list[str]:
             environ = (pid_dir / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"RINGCTL_DEV_CLUSTER={cluster.state_dir}".encode() in environ:
+        if f"RINGCTL_DEV_CLUSTER={cluster.state_dir}".encode() in environ or _holds_file_in(pid_dir, cluster.state_dir):
             left.append(f"process {pid_dir.name}: {(pid_dir / 'cmdline').read_bytes()[:80]!r}")
     return left
+
+
+def _holds_file_in(pid_dir: Path, folder: Path) -> bool:
+    """slurmstepd clears its environment but keeps its slurmd's log file open."""
+    try:
+        if (pid_dir / "comm").read_text().strip() != "slurmstepd":
+            return False
+        return any(os.readlink(fd).startswith(f"{folder}/") for fd in (pid_dir / "fd").iterdir())
+    except OSError:
+        return False
 
 
 def stop(cluster: DevCluster) -> float:

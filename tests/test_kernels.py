@@ -12,7 +12,8 @@ gloo workers of the ring test inherit it, as they must.
 The reference is plain matmul-softmax in float64 with the position mask, written here
 independently of the kernels; gradients come from autograd through it. Shapes are small and
 the interpreter's tiles are 32x16 (forward, dq) and 16x32 (dk/dv), so every case spans
-several unequal q and kv tiles, ragged edges included.
+several unequal q and kv tiles, ragged edges included. The last test runs ring_attention on
+2 gloo processes with RINGCTL_BLOCK_IMPL=triton against SDPA on the whole sequence.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ TOL = {  # (atol, rtol) against float64; low precision: P is rounded to the inpu
 }
 
 
-def reference(q, k, v, scale, q_pos, k_pos):
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B,Sq,Hq,D), lse (B,Hq,Sq) of softmax attention in the dtype given (float64 here)."""
     group = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
@@ -61,7 +69,7 @@ def reference(q, k, v, scale, q_pos, k_pos):
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
-def merge(parts):
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The ring's merge of per-block (out, lse); -inf rows stay 0 / -inf."""
     lse = parts[0][1]
     for _, lse_b in parts[1:]:
@@ -117,10 +125,10 @@ CASES = [
 ]
 
 
-def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> tuple:
     gen = torch.Generator().manual_seed(seed)
 
-    def rnd(*shape):
+    def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype)
 
     # q as a strided view (B,H,S,D) -> (B,S,H,D): the kernels take strides, not copies
@@ -206,7 +214,9 @@ def test_empty_kv_block_gives_empty_rows() -> None:
     assert (out == 0).all() and torch.isneginf(lse).all() and lse.shape == (1, 2, 5)
 
 
-def _qkv(d: int = 16, dtype: torch.dtype = torch.float32, hq: int = 2, hkv: int = 1):
+def _qkv(
+    d: int = 16, dtype: torch.dtype = torch.float32, hq: int = 2, hkv: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(1, 8, hq, d, dtype=dtype), torch.randn(1, 8, hkv, d, dtype=dtype)
 
 
@@ -235,7 +245,7 @@ def test_bad_inputs_raise(kwargs: dict, match: str) -> None:
     ],
     ids=["one-missing", "unsorted", "float", "length"],
 )
-def test_bad_positions_raise(q_pos, k_pos, match: str) -> None:
+def test_bad_positions_raise(q_pos: torch.Tensor, k_pos: torch.Tensor | None, match: str) -> None:
     q, kv = _qkv()
     with pytest.raises(ValueError, match=match):
         block_forward(q, kv, kv, scale=0.25, q_pos=q_pos, k_pos=k_pos)
@@ -267,7 +277,7 @@ def _ring_worker(rank: int, world: int) -> list[dict]:
     kernels_used = []  # a spy on the real kernels: the dispatcher must route here
     real_forward = ringctl_kernels.block_forward
 
-    def counting_forward(*args, **kwargs):
+    def counting_forward(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         kernels_used.append(1)
         return real_forward(*args, **kwargs)
 

@@ -84,6 +84,10 @@ def test_wandb_offline_run_holds_step_metrics(local_job: dict) -> None:
     assert logged == pytest.approx(results["times"]["fwd_s"], rel=1e-9)
     summary = wandb_records.summary(run_file)
     assert summary["check/passed"] is True and summary["max_error"] == pytest.approx(results["max_error"])
+    images = [h for h in wandb_records.history(run_file) if "plan/_type" in h]
+    assert len(images) == 1 and images[0]["plan/_type"] == "image-file"  # the plan picture
+    assert (run_dir / "files" / images[0]["plan/path"]).is_file()
+    assert (folder / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = wandb_records.config(run_file)
     assert config["workload"]["seq_len"] == results["config"]["workload"]["seq_len"]
 
@@ -103,3 +107,26 @@ def test_status_and_logs_from_another_process(local_job: dict) -> None:
     assert logs.returncode == 0 and "Job completed successfully" in logs.stdout + logs.stderr
     missing = ringctl(["status", "424242424"], local_job["runs"], timeout=60)
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_local_sweep_validates_then_submits_all_with_one_wandb_group(tmp_path: Path) -> None:
+    """Hydra multirun through ringctl's launcher plugin without SLURM: 2 points, both
+    submitted (local processes), followed to the end (wait=true), one W&B group."""
+    runs = tmp_path / "runs"
+    done = ringctl(
+        ["launch", "+topology=2node", "launcher=local", "workload.seq_len=256", "workload.warmup=0",
+         "workload.iters=1", "workload.check_seq_len=64", "-m", "workload.layout=zigzag,striped", "wait=true"],
+        runs,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    entries = [json.loads(line) for line in (runs / "index.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in entries] == ["local", "local"]
+    assert "workload.layout=zigzag" in done.stdout and "workload.layout=striped" in done.stdout
+    groups = set()
+    for entry in entries:
+        folder = Path(entry["folder"])
+        results = json.loads((folder / "results.json").read_text())
+        assert results["check"]["passed"] and f"workload.layout={results['plan']['layout']}" in entry["overrides"]
+        [run_file] = folder.glob("wandb/offline-run-*/run-*.wandb")
+        groups.add(wandb_records.run_group(run_file))
+    assert len(groups) == 1 and groups.pop().startswith("sweep-ringctl-")

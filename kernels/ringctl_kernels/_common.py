@@ -36,6 +36,25 @@ def interpreting() -> bool:
     return _INTERPRET_AT_IMPORT
 
 
+AUTOTUNE_ENV = "RINGCTL_KERNELS_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """False when RINGCTL_KERNELS_AUTOTUNE=0 at import: one default config per kernel, no
+    autotuning pause on each new shape (quick GPU checks; the first call of a shape otherwise
+    benchmarks every config)."""
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def choose_configs(interpreter: triton.Config, default: triton.Config,
+                   space: list[triton.Config]) -> list[triton.Config]:
+    """The autotune space, or one config: under the interpreter (programs run one by one;
+    small unequal tiles exercise the tile bookkeeping in the CPU tests) or with autotuning off."""
+    if interpreting():
+        return [interpreter]
+    return space if autotuning() else [default]
+
+
 @triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b. DOT_FP32 upcasts the operands first: the interpreter's bf16 dot is wrong."""

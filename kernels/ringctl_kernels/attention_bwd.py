@@ -21,7 +21,7 @@ from ._common import (
     _dot,
     check_like,
     check_qkv,
-    interpreting,
+    choose_configs,
     mask_tables,
     prune,
     strides,
@@ -195,27 +195,32 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QFirst,
 
 
 def _dq_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_stages=1, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-        for bm in (64, 128)
-        for bn in (32, 64, 128)
-        for s in (2, 3)
-        for w in (4, 8)
-    ]
+    return choose_configs(
+        interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_stages=1, num_warps=4),
+        default=triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=2, num_warps=8),
+        space=[
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm in (64, 128)
+            for bn in (32, 64, 128)
+            for s in (2, 3)
+            for w in (4, 8)
+        ],
+    )
 
 
 def _dkdv_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_stages=1, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-        for bm in (32, 64)
-        for bn in (64, 128)
-        for s in (2, 3)
-        for w in (4, 8)
-    ]
+    # default: no register spills at head_dim 128 on sm_90 (ptxas -v on the AOT build)
+    return choose_configs(
+        interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_stages=1, num_warps=4),
+        default=triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_stages=2, num_warps=8),
+        space=[
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm in (32, 64)
+            for bn in (64, 128)
+            for s in (2, 3)
+            for w in (4, 8)
+        ],
+    )
 
 
 def _prune_dq(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

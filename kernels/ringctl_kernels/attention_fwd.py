@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, DotPolicy, _dot, check_qkv, interpreting, mask_tables, prune, strides
+from ._common import LOG2E, DotPolicy, _dot, check_qkv, choose_configs, mask_tables, prune, strides
 
 
 @triton.jit
@@ -109,17 +109,17 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvVisible,
 
 
 def _fwd_configs() -> list[triton.Config]:
-    if interpreting():
-        # one small config: the interpreter runs programs one by one, and unequal tiles
-        # exercise the q-tile / kv-tile bookkeeping in the CPU tests
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_stages=1, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-        for bm in (64, 128)
-        for bn in (32, 64, 128)
-        for s in (2, 3, 4)
-        for w in (4, 8)
-    ]
+    return choose_configs(
+        interpreter=triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_stages=1, num_warps=4),
+        default=triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=3, num_warps=8),
+        space=[
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm in (64, 128)
+            for bn in (32, 64, 128)
+            for s in (2, 3, 4)
+            for w in (4, 8)
+        ],
+    )
 
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

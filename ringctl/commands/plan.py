@@ -55,7 +55,9 @@ def build(overrides: list[str]) -> tuple[Any, Any, Any]:
     work = cfg.get("workload")
     workload = Workload.from_config(work) if work is not None else Workload()
     layout = work.get("layout", "zigzag") if work is not None else "zigzag"
-    plan = make_plan(topology, layout=layout, algorithm=cfg.topology.get("ring", "flat"))
+    plan = make_plan(
+        topology, layout=layout, algorithm=cfg.topology.get("ring", "flat"), order=cfg.topology.get("order", "node")
+    )
     plan.check_seq_len(workload.seq_len)
     return topology, plan, workload
 
