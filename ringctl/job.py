@@ -85,8 +85,10 @@ class RunContext:
         return self.plan.position(self.rank)
 
 
-def _init_distributed(cfg: Any) -> tuple[Any, Any, int]:
-    """init_process_group from submitit's job environment; returns (device, env, timeout_s)."""
+def _init_distributed(cfg: Any) -> tuple[Any, Any]:
+    """init_process_group from submitit's job environment (submitit's
+    TorchDistributedEnvironment: MASTER_ADDR = first node, port from the job id); returns
+    (device, env)."""
     import submitit
     import torch
     import torch.distributed as dist
@@ -104,7 +106,7 @@ def _init_distributed(cfg: Any) -> tuple[Any, Any, int]:
         backend="nccl" if use_cuda else "gloo",
         rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
     )
-    return device, env, timeout_s
+    return device, env
 
 
 def _bind_gloo_nic(local_rank: int) -> None:
@@ -135,7 +137,7 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
 
     cfg = OmegaConf.create(config)
     folder = _job_folder()
-    device, env, _ = _init_distributed(cfg)
+    device, env = _init_distributed(cfg)
     rank = dist.get_rank()
     ctx: RunContext | None = None
     try:

@@ -8,15 +8,17 @@ so bad input leaves no job folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import submitit
 
@@ -310,33 +312,69 @@ class Launcher:
     def submit(
         self, cfgs: list[Any], name: str, overrides: list[tuple[str, ...]] | None = None
     ) -> list[Submitted]:
-        """Validate all, then submit all at once (one array under SLURM when several)."""
+        """Validate all, then submit all at once: under SLURM one job array per set of
+        points that share resources and sbatch options (one array for a usual sweep)."""
+        checked = [validate(cfg) for cfg in cfgs]
+        overrides = overrides or [() for _ in cfgs]
+        groups: dict[str, list[int]] = {}
+        for i, (cfg, res) in enumerate(zip(cfgs, checked)):
+            groups.setdefault(_submission_key(cfg, res), []).append(i)
+        submitted: dict[int, Submitted] = {}
+        for indices in groups.values():
+            jobs = self._submit_batch([cfgs[i] for i in indices], checked[indices[0]], name)
+            for i, job in zip(indices, jobs):
+                submitted[i] = Submitted(job, Path(str(job.paths.folder)), name, self.kind, tuple(overrides[i]))
+        out = [submitted[i] for i in range(len(cfgs))]
+        record(self.root, out, self.kind)
+        return out
+
+    def _submit_batch(self, cfgs: list[Any], res: Resources, name: str) -> list[submitit.Job]:
         from omegaconf import OmegaConf
 
         from ringctl.job import run_job
 
-        checked = [validate(cfg) for cfg in cfgs]
-        if len({r for r in checked}) != 1:
-            raise ConfigError("sweep", [str(r) for r in checked], "points with the same nodes and ranks (one job array)")
-        res = checked[0]
         base = self.new_folder(name)
         executor = self.executor(base / "%j", cfgs[0], res, name)
         payloads = [OmegaConf.to_container(cfg, resolve=True) for cfg in cfgs]
         for payload in payloads:  # what the job needs to know of this submission
             payload["resources"] = asdict(res)
         try:
-            with executor.batch():
-                jobs = [executor.submit(run_job, payload) for payload in payloads]
+            with self.quiet(), executor.batch():
+                return [executor.submit(run_job, payload) for payload in payloads]
         except (submitit.core.utils.FailedJobError, OSError) as exc:
             shutil.rmtree(base, ignore_errors=True)  # nothing was submitted: leave no folder
             raise SubmissionError(f"{self.kind} submission failed: {exc}") from exc
-        overrides = overrides or [() for _ in cfgs]
-        out = [
-            Submitted(job, Path(str(job.paths.folder)), name, self.kind, tuple(ov))
-            for job, ov in zip(jobs, overrides)
-        ]
-        record(self.root, out, self.kind)
-        return out
+
+    def quiet(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def _submission_key(cfg: Any, res: Resources) -> str:
+    """Points with equal keys can share one sbatch (array): same resources, same options."""
+    from omegaconf import OmegaConf
+
+    launcher = OmegaConf.to_container(cfg.launcher, resolve=True)
+    return json.dumps([asdict(res), launcher, cfg.topology.get("distribution")], sort_keys=True, default=str)
+
+
+@contextlib.contextmanager
+def _stdio_to_devnull() -> Iterator[None]:
+    """Local jobs' controller processes inherit stdout/stderr; point them at /dev/null (the
+    tasks log to files in the job folder) so a caller reading our output through a pipe is
+    not held open until the job ends."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 class SlurmLauncher(Launcher):
@@ -354,6 +392,9 @@ class LocalLauncher(Launcher):
     """Local processes via submitit's LocalExecutor: all ranks of all (virtual) nodes here."""
 
     kind = "local"
+
+    def quiet(self) -> contextlib.AbstractContextManager[None]:
+        return _stdio_to_devnull()
 
     def executor(self, folder: Path, cfg: Any, res: Resources, name: str) -> submitit.Executor:
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=0)

@@ -5,8 +5,7 @@
 # torch.distributed from SLURM's environment (MASTER_ADDR = the first node), plans the ring
 # from the real node names and writes results.json to RINGCTL_JOB_FOLDER.
 #
-#   sbatch slurm/sbatch-example.sh +topology=2node launcher=slurm \
-#          launcher.max_ranks_per_node=2 topology.gpus_per_node=0
+#   sbatch slurm/sbatch-example.sh +topology=2node launcher=slurm launcher.max_ranks_per_node=2
 #
 # The #SBATCH lines below must match the config: --nodes = topology.nodes, --ntasks-per-node
 # = topology.ranks_per_node capped by launcher.max_ranks_per_node (checked before any rank

@@ -16,7 +16,7 @@ def slurm_cluster() -> Iterator[DevCluster]:
     Use `slurm_cluster.env` (SLURM_CONF set) for subprocesses or submitit, or
     `slurm_cluster.run("sbatch", ...)`; node names are `slurm_cluster.node_names`.
     Skipped when not root or SLURM is not installed, except under CI=true (then it fails).
-    A fresh cluster restarts job ids at 1: give submitit a fresh folder (tmp_path).
+    A fresh cluster restarts its job ids: give submitit a fresh folder (tmp_path).
     """
     require_dev_cluster()
     try:

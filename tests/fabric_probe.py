@@ -5,7 +5,8 @@
 Every task binds to the address of its NIC (GLOO_SOCKET_IFNAME, which the fabric's
 TaskProlog sets per local rank, as gloo would) and first times a transfer to itself: the
 namespace's loopback. Then tasks on the first node serve and tasks on the second node send
-to the server with the same local rank (same rail), all rails at once; the server's
+to the server with the same local rank (same rail), all rails at once, and the server
+sends the same amount back (both directions are throttled); the server's
 address travels through SHARED_DIR (every node shares this machine's file system).
 Prints one JSON line per task.
 """
@@ -31,32 +32,49 @@ def nic_address(ifname: str) -> str:
     return out[out.index("inet") + 1].split("/")[0]
 
 
-def receive(listener: socket.socket, nbytes: int) -> None:
-    """Accept one connection, read nbytes, answer one byte (the sender's clock stops there)."""
+def read_exactly(sock: socket.socket, nbytes: int) -> None:
+    left = nbytes
+    while left:
+        data = sock.recv(min(CHUNK, left))
+        if not data:
+            raise ConnectionError(f"peer closed with {left} bytes left")
+        left -= len(data)
+
+
+def write(sock: socket.socket, nbytes: int) -> None:
+    payload = os.urandom(CHUNK)
+    left = nbytes
+    while left:
+        n = min(CHUNK, left)
+        sock.sendall(payload[:n])
+        left -= n
+
+
+def receive(listener: socket.socket, nbytes: int, echo: bool = False) -> None:
+    """Accept one connection, read nbytes, answer one byte (the sender's clock stops there);
+    with echo, then send nbytes back (the other direction)."""
     conn, _ = listener.accept()
     with conn:
-        left = nbytes
-        while left:
-            data = conn.recv(min(CHUNK, left))
-            if not data:
-                raise ConnectionError(f"peer closed with {left} bytes left")
-            left -= len(data)
+        read_exactly(conn, nbytes)
         conn.sendall(b"k")
+        if echo:
+            write(conn, nbytes)
 
 
-def send(src: str, dst: tuple[str, int], nbytes: int) -> float:
-    """Seconds from connect to the receiver's acknowledgement of nbytes."""
-    payload = os.urandom(CHUNK)
+def send(src: str, dst: tuple[str, int], nbytes: int, echo: bool = False) -> tuple[float, float]:
+    """Seconds from the first byte sent to the receiver's acknowledgement of nbytes; with
+    echo, also the seconds to read nbytes back."""
     with socket.create_connection(dst, timeout=60, source_address=(src, 0)) as sock:
         start = time.perf_counter()
-        left = nbytes
-        while left:
-            n = min(CHUNK, left)
-            sock.sendall(payload[:n])
-            left -= n
+        write(sock, nbytes)
         if sock.recv(1) != b"k":
             raise ConnectionError("no acknowledgement")
-        return time.perf_counter() - start
+        sent = time.perf_counter() - start
+        if not echo:
+            return sent, 0.0
+        start = time.perf_counter()
+        read_exactly(sock, nbytes)
+        return sent, time.perf_counter() - start
 
 
 def listen(addr: str) -> socket.socket:
@@ -70,7 +88,7 @@ def loopback_seconds(addr: str, nbytes: int) -> float:
     with listen(addr) as listener:
         server = threading.Thread(target=receive, args=(listener, nbytes))
         server.start()
-        seconds = send(addr, listener.getsockname(), nbytes)
+        seconds, _ = send(addr, listener.getsockname(), nbytes)
         server.join()
     return seconds
 
@@ -105,11 +123,13 @@ def main() -> None:
             tmp.write_text(f"{addr} {listener.getsockname()[1]}")
             tmp.rename(rendezvous)
             listener.settimeout(60)
-            receive(listener, nbytes)
+            receive(listener, nbytes, echo=True)
     elif node_id == 1:
         host, port = wait_for_file(rendezvous, 60).split()
         record["peer"] = host
-        record["cross_MBps"] = nbytes / send(addr, (host, int(port)), nbytes) / 1e6
+        sent, received = send(addr, (host, int(port)), nbytes, echo=True)
+        record["cross_MBps"] = nbytes / sent / 1e6  # second node -> first
+        record["cross_back_MBps"] = nbytes / received / 1e6  # first node -> second
     print(json.dumps(record), flush=True)
 
 

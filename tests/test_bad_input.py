@@ -64,7 +64,7 @@ CASES = {
 
 
 def run_cli(args: list[str], runs: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    environ = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "RINGCTL_MAX_RANKS_PER_NODE", "SLURM_CONF")}
     environ.update(RINGCTL_RUNS=str(runs), **env)
     return subprocess.run(
         [sys.executable, "-m", "ringctl", "launch", *args],

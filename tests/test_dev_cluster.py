@@ -21,7 +21,7 @@ from slurm_cluster import (
     DEV_CLUSTER, DevCluster, DevClusterError, cluster_state_dir, require_dev_cluster, start, stop,
 )
 
-FABRIC_MBIT = 200  # inter-node rate of the fabric fixture: 25 MB/s, so 8 MB take ~0.3 s
+FABRIC_MBIT = 100  # inter-node rate of the fabric fixture: 12.5 MB/s, so 4 MB take ~0.3 s
 FABRIC_NICS = 2
 PROBE = Path(__file__).with_name("fabric_probe.py")
 
@@ -59,13 +59,14 @@ def test_nodes_declare_more_cpus_than_the_host_has(slurm_cluster: DevCluster) ->
 
 def test_sbatch_job_on_two_nodes_is_completed_in_accounting(slurm_cluster: DevCluster, tmp_path: Path) -> None:
     job_id = slurm_cluster.run(
-        "sbatch", "--parsable", "--wait", "-N2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out",
+        "sbatch", "--parsable", "-N2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out",
         "--wrap", "srun printenv SLURMD_NODENAME",
     ).stdout.strip()
     assert job_id.isdigit(), job_id
+    # polled here: `sbatch --wait` backs off to 10 s between polls
+    assert slurm_cluster.wait_sacct_state(job_id, {"COMPLETED", "FAILED"}) == "COMPLETED"
     ran_on = (tmp_path / f"{job_id}.out").read_text().split()
     assert sorted(ran_on) == sorted(slurm_cluster.node_names)
-    assert slurm_cluster.wait_sacct_state(job_id, {"COMPLETED", "FAILED"}) == "COMPLETED"
     nnodes = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NNodes").stdout.split()
     assert nnodes == ["2"]
 
@@ -114,6 +115,20 @@ def test_up_rejects_bad_input_and_makes_nothing(args: list[str], message: str, t
     assert str(state_dir) not in Path("/etc/hosts").read_text()
 
 
+def test_clusters_number_their_jobs_apart(slurm_cluster: DevCluster, slurm_fabric_cluster: DevCluster) -> None:
+    """submitit derives MASTER_PORT from the job id alone (and refuses a MASTER_PORT already
+    set), so clusters sharing this host must not hand out the same job ids."""
+    ids = []
+    for cluster in (slurm_cluster, slurm_fabric_cluster):
+        out = cluster.run(
+            "srun", "-N2", "--ntasks-per-node=1", "bash", "-c", 'echo "$SLURM_JOB_ID ${MASTER_PORT:-unset}"'
+        ).stdout.split()
+        assert out[1::2] == ["unset", "unset"], out
+        assert len(set(out[0::2])) == 1, out
+        ids.append(int(out[0]))
+    assert abs(ids[0] - ids[1]) >= 100000, ids
+
+
 def test_fabric_places_each_node_in_its_own_namespace(slurm_fabric_cluster: DevCluster) -> None:
     script = (
         'echo "$SLURMD_NODENAME $SLURM_LOCALID $GLOO_SOCKET_IFNAME $RINGCTL_NICS $(readlink /proc/self/ns/net)'
@@ -138,18 +153,19 @@ def test_fabric_places_each_node_in_its_own_namespace(slurm_fabric_cluster: DevC
 def test_fabric_throttles_traffic_between_nodes_not_inside_them(
     slurm_fabric_cluster: DevCluster, tmp_path: Path
 ) -> None:
-    """Both rails at once: each cross-node transfer gets the tbf rate (one NIC per rank),
-    while each rank's transfer to its own address stays on the namespace's loopback."""
+    """Both rails at once, both directions: each cross-node transfer gets the tbf rate (one
+    NIC per rank), while each rank's transfer to its own address stays on the namespace's
+    loopback."""
     out = slurm_fabric_cluster.run(
         "srun", "-N2", f"--ntasks-per-node={FABRIC_NICS}", sys.executable, str(PROBE),
-        "--dir", str(tmp_path), "--mb", "8", timeout=120,
+        "--dir", str(tmp_path), "--mb", "4", timeout=120,
     ).stdout
     records = [json.loads(line) for line in out.splitlines()]
     rate = FABRIC_MBIT / 8  # MB/s
-    cross = sorted(r["cross_MBps"] for r in records if "cross_MBps" in r)
+    cross = sorted(r[key] for r in records for key in ("cross_MBps", "cross_back_MBps") if key in r)
     loop = sorted(r["loop_MBps"] for r in records)
     print(f"\nfabric {FABRIC_MBIT} Mbit/s = {rate:.0f} MB/s: cross-node MB/s {cross}, loopback MB/s {loop}")
-    assert len(cross) == FABRIC_NICS and len(loop) == 2 * FABRIC_NICS
+    assert len(cross) == 2 * FABRIC_NICS and len(loop) == 2 * FABRIC_NICS
     for mbps in cross:
         assert 0.7 * rate <= mbps <= 1.1 * rate, f"cross-node {mbps:.1f} MB/s, tbf rate {rate} MB/s"
     assert loop[0] >= 3 * rate, f"loopback {loop[0]:.1f} MB/s, not well above the {rate} MB/s fabric"

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ SECRET = "ringctl-test-key-0123456789abcdef0123456789abcdef"
 
 
 def ringctl(args: list[str], runs: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k not in ("SLURM_CONF", "WANDB_API_KEY")}
+    # no cluster, no key, no cap from the caller's shell: the embedded default as a new user gets it
+    dropped = ("SLURM_CONF", "WANDB_API_KEY", "RINGCTL_MAX_RANKS_PER_NODE")
+    environ = {k: v for k, v in os.environ.items() if k not in dropped}
     environ.update(RINGCTL_RUNS=str(runs), WANDB_SILENT="true", **env)
     return subprocess.run([sys.executable, "-m", "ringctl", *args], capture_output=True, text=True, env=environ, timeout=timeout)
 
@@ -114,8 +117,9 @@ def test_local_sweep_validates_then_submits_all_with_one_wandb_group(tmp_path: P
     submitted (local processes), followed to the end (wait=true), one W&B group."""
     runs = tmp_path / "runs"
     done = ringctl(
-        ["launch", "+topology=2node", "launcher=local", "workload.seq_len=256", "workload.warmup=0",
-         "workload.iters=1", "workload.check_seq_len=64", "-m", "workload.layout=zigzag,striped", "wait=true"],
+        ["launch", "+topology=2node", "launcher=local", "launcher.local_ranks_per_node=1",
+         "workload.seq_len=256", "workload.warmup=0", "workload.iters=1", "workload.check_seq_len=64",
+         "-m", "workload.layout=zigzag,striped", "wait=true"],
         runs,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -130,3 +134,36 @@ def test_local_sweep_validates_then_submits_all_with_one_wandb_group(tmp_path: P
         [run_file] = folder.glob("wandb/offline-run-*/run-*.wandb")
         groups.add(wandb_records.run_group(run_file))
     assert len(groups) == 1 and groups.pop().startswith("sweep-ringctl-")
+
+
+def test_wait_false_then_cancel_from_another_process(tmp_path: Path) -> None:
+    """wait=false returns at once with job id and folder; `ringctl cancel` stops the local
+    processes and `ringctl status` says CANCELLED."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "ringctl_test_sleepy.py").write_text("import time\n\ndef main(cfg, ctx):\n    time.sleep(300)\n")
+    runs = tmp_path / "runs"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(pkg), os.environ.get("PYTHONPATH")]))}
+    done = ringctl(["launch", "+topology=2node", "launcher=local", "wandb=disabled", "workload=custom",
+                    "workload.entry=ringctl_test_sleepy:main", "wait=false"], runs, timeout=60, **env)
+    assert done.returncode == 0, done.stderr
+    [entry] = [json.loads(line) for line in (runs / "index.jsonl").read_text().splitlines()]
+    assert f"submitted job {entry['job_id']} (local); folder: {entry['folder']}" in done.stdout
+    assert "running" in ringctl(["status", entry["job_id"]], runs, timeout=60).stdout
+    assert ringctl(["cancel", entry["job_id"]], runs, timeout=60).returncode == 0
+    pid = int(entry["job_id"])
+    for _ in range(60):  # the controller stops its tasks, then exits
+        if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.5)
+    status = ringctl(["status", entry["job_id"]], runs, timeout=60)
+    assert f"job {entry['job_id']} (local): cancelled (CANCELLED)" in status.stdout
+    tasks = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, str(Path(entry["folder"]).parent))]
+    assert tasks == []
+
+
+def _cmdline_has(proc: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False

@@ -111,4 +111,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], key: str)
 def test_unknown_topology(tmp_path: Path) -> None:
     out = ringctl("+topology=nope", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip() == "ringctl plan: topology='nope' is invalid; allowed: 16node, 1node, 2node, 4node"
+    assert out.stderr.strip() == (
+        "ringctl plan: topology='nope' is invalid; allowed: 16node, 1node, 2node, 4node, "
+        "emulated2node, emulated2node_rails, emulated3node"
+    )

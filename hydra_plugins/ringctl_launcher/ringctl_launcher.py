@@ -100,7 +100,11 @@ def _print_table(jobs: list[Any], kind: str, name: str) -> None:
 
     from ringctl.commands.launch import console
 
-    array = f"array {jobs[0].job_id.split('_')[0]}" if kind == "slurm" and len(jobs) > 1 else f"{len(jobs)} jobs"
+    arrays = sorted({j.job_id.split("_")[0] for j in jobs if "_" in j.job_id})
+    if kind == "slurm" and arrays:  # several only when points differ in resources or sbatch options
+        array = ("array " if len(arrays) == 1 else "arrays ") + ", ".join(arrays)
+    else:
+        array = f"{len(jobs)} jobs"
     table = Table(title=f"{name}: {array} ({kind})", title_justify="left")
     table.add_column("point")
     table.add_column("job id")

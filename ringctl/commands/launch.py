@@ -100,6 +100,8 @@ def sweep(overrides: list[str]) -> int:
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from ringctl.config import CONF_DIR, config_error_from
 
@@ -116,7 +118,7 @@ def sweep(overrides: list[str]) -> int:
         return 2
     except SystemExit as exc:  # the plugin exits with the job outcome (1 when a job failed)
         return int(exc.code or 0)
-    except Exception as exc:  # Hydra composition errors: unknown option, key or type
+    except (HydraException, OmegaConfBaseException) as exc:  # composition: unknown option, key, type
         print(f"ringctl launch: {config_error_from(exc, overrides)}", file=sys.stderr)
         return 2
     finally:
@@ -140,7 +142,7 @@ def _hydra_app(argv: list[str]) -> int:
         print("ringctl launch: add no Hydra flags to submit a job", file=sys.stderr)
 
     saved = sys.argv
-    sys.argv = ["ringctl launch"] + HYDRA_SETUP + ["hydra.run.dir=."] + argv
+    sys.argv = ["ringctl launch"] + HYDRA_SETUP + ["hydra.run.dir=.", "hydra.help.app_name='ringctl launch'"] + argv
     try:
         app()
     except SystemExit as exc:
