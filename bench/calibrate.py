@@ -93,8 +93,9 @@ class Where:
 
 
 def _timed(fn: Any, repeats: int = REPEATS) -> float:
-    """Least seconds of fn() after one warm-up; a barrier before each so ranks run at once.
-    The least, not the median: the cores are shared with other people's work, and the
+    """Seconds of fn() on the slowest rank, the least over `repeats` runs after one warm-up;
+    a barrier before each run so ranks run at once. The slowest rank per run (the ring waits
+    for it), then the least run: the cores are shared with other people's work, and the
     least is the run they disturbed least (bench/fabric.py reads the jobs' times the same way)."""
     fn()
     times = []
@@ -103,13 +104,9 @@ def _timed(fn: Any, repeats: int = REPEATS) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def _slowest(seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest.min())
 
 
 def measure_compute(shape: Shape, where: Where) -> dict[str, float]:
@@ -137,8 +134,8 @@ def measure_compute(shape: Shape, where: Where) -> dict[str, float]:
             out, lse = saved[src]
             block_backward(dout, q, k, v, out, lse, scale=scale, q_pos=q_pos, k_pos=k_pos[src])
 
-    t_fwd = _slowest(_timed(forward))
-    t_bwd = _slowest(_timed(backward))
+    t_fwd = _timed(forward)
+    t_bwd = _timed(backward)
     return {
         "forward_s": t_fwd,
         "backward_s": t_bwd,
@@ -171,7 +168,7 @@ def measure_ring(shape: Shape, where: Where) -> dict[str, float]:
         with torch.no_grad():
             ring_attention(q, k, v, causal=True, layout="zigzag", plan=plan)
 
-    t_fwd = _slowest(_timed(forward, repeats=3))
+    t_fwd = _timed(forward, repeats=3)
     return {"plan": algorithm, "forward_s": t_fwd, "compute_tflops": shape.forward_flops(where.world) / t_fwd / 1e12}
 
 
@@ -185,7 +182,7 @@ def _hop_time(nbytes: int, send_to: int, recv_from: int) -> float:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 
-    return _slowest(_timed(hop))
+    return _timed(hop)
 
 
 def measure_link(shape: Shape, where: Where, link: str) -> dict[str, float] | None:

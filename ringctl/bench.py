@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import socket
 import statistics
 import time
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from ringctl.ring.layouts import seq_len_divisor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -139,7 +142,9 @@ def _rank_main(
         dist.destroy_process_group()
 
 
-def measure(shape: Shape, world: int, cores: int, repeats: int) -> tuple[list[dict[str, float]], float]:
+def measure(
+    shape: Shape, world: int, cores: int, repeats: int
+) -> tuple[list[dict[str, float]], float]:
     """Rank 0's per-round wall times (barriers on both sides) and max |ringctl - torch|."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -152,9 +157,19 @@ def measure(shape: Shape, world: int, cores: int, repeats: int) -> tuple[list[di
     ]
     for proc in procs:
         proc.start()
-    reports = sorted((results.get(timeout=3600) for _ in range(world)), key=lambda r: r[0])
+    reports = []
+    while len(reports) < world:
+        try:
+            reports.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or all(p.exitcode is not None for p in procs):
+                for proc in procs:
+                    proc.kill()
+                raise RuntimeError(f"bench ranks exited without results (exit codes {dead})")
     for proc in procs:
         proc.join()
+    reports.sort(key=lambda r: r[0])
     return reports[0][1], max(r[2] for r in reports)
 
 
@@ -181,8 +196,13 @@ def main(argv: list[str] | None = None) -> None:
         args.batch, args.seq, args.heads, args.kv_heads or args.heads, args.head_dim,
         args.dtype, args.causal, layout,
     )  # fmt: skip
-    print(f"{shape}; {args.cores} cores; medians of {args.repeats} interleaved rounds")
-    for world in (int(w) for w in args.world.split(",")):
+    print(f"{shape}; {args.cores} cores; medians of {args.repeats} interleaved rounds", flush=True)
+    worlds = [int(w) for w in args.world.split(",")]
+    for world in worlds:
+        divisor = seq_len_divisor(layout, world)
+        if args.seq % divisor:
+            parser.error(f"--seq {args.seq} must be a multiple of {divisor} for {layout} on W={world}")
+    for world in worlds:
         rounds, diff = measure(shape, world, args.cores, args.repeats)
         ms = {key: 1e3 * statistics.median(r[key] for r in rounds) for key in rounds[0]}
         vs_sdpa = statistics.median(r["ring_fwd_bwd"] / r["sdpa_fwd_bwd"] for r in rounds)
@@ -191,11 +211,14 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"W={world} ({threads} thread(s) per rank): ring fwd+bwd {ms['ring_fwd_bwd']:8.1f} ms,"
             f" one-process SDPA fwd+bwd ({args.cores} threads) {ms['sdpa_fwd_bwd']:8.1f} ms"
-            f" -> {vs_sdpa:.2f}x (goal <= 1.3x)"
+            f" -> {vs_sdpa:.2f}x (goal <= 1.3x)",
+            flush=True,
         )
         print(
-            f"    ring fwd {ms['ring_fwd']:8.1f} ms, torch's ring fwd {ms['torch_ring_fwd']:8.1f} ms"
-            f" -> {vs_torch:.2f}x (goal <= 1.0x); max |ringctl - torch| = {diff:.2e}"
+            f"    ring fwd {ms['ring_fwd']:8.1f} ms,"
+            f" torch's ring fwd {ms['torch_ring_fwd']:8.1f} ms"
+            f" -> {vs_torch:.2f}x (goal <= 1.0x); max |ringctl - torch| = {diff:.2e}",
+            flush=True,
         )
 
 

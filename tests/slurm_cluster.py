@@ -47,18 +47,16 @@ def require_dev_cluster() -> None:
     pytest.skip(reason)
 
 
-PYTEST_STATE_PREFIX = "/tmp/ringctl-slurm-pytest-"
-
-
 def cluster_state_dir(kind: str) -> Path:
     """One folder per pytest process and kind, so concurrent runs never share a cluster.
     Clusters left by pytest processes that died (killed before teardown) are stopped first."""
-    for stale in Path(PYTEST_STATE_PREFIX).parent.glob(Path(PYTEST_STATE_PREFIX).name + "*-*"):
-        owner = stale.name[len(Path(PYTEST_STATE_PREFIX).name):].split("-")[0]
-        if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
-            subprocess.run(["bash", str(DEV_CLUSTER), "down", "--state-dir", str(stale)],
-                           capture_output=True, timeout=120)
-    return Path(f"{PYTEST_STATE_PREFIX}{os.getpid()}-{kind}")
+    for stale in Path("/tmp").glob("ringctl-slurm-pytest-*-*"):
+        owner = stale.name.split("-")[3]  # ringctl-slurm-pytest-<pid>-<kind>
+        if owner.isdigit() and int(owner) != os.getpid() and not Path("/proc", owner).exists():
+            subprocess.run(
+                ["bash", str(DEV_CLUSTER), "down", "--state-dir", str(stale)], capture_output=True, timeout=120
+            )
+    return Path(f"/tmp/ringctl-slurm-pytest-{os.getpid()}-{kind}")
 
 
 def _dev_cluster(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
