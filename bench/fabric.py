@@ -62,9 +62,11 @@ class Workload:
     warmup: int = 1
     iters: int = 5
 
-    def overrides(self, seq_len: int) -> list[str]:
+    def overrides(self, seq_len: int, world_size: int) -> list[str]:
+        # the float64 exactness check runs at ~256 tokens, split evenly by zigzag (2W chunks)
+        check = 2 * world_size * max(1, 256 // (2 * world_size))
         return [
-            f"workload.seq_len={seq_len}", f"workload.heads={self.heads}", f"workload.kv_heads={self.kv_heads}",
+            f"workload.seq_len={seq_len}", f"workload.check_seq_len={check}", f"workload.heads={self.heads}", f"workload.kv_heads={self.kv_heads}",
             f"workload.head_dim={self.head_dim}", f"workload.batch={self.batch}", "workload.dtype=float32",
             "workload.layout=zigzag", "workload.causal=true", f"workload.warmup={self.warmup}",
             f"workload.iters={self.iters}",
@@ -113,7 +115,7 @@ SCENARIOS = (
         "1. nics=1, cyclic placement: topology-aware flat / rank-order flat <= 0.6",
     ),
     Scenario(
-        "rails", "emulated2node_rails", 2, 2, "inter=200mbit,nics=2", "block",
+        "rails", "emulated2node_rails", 2, 2, "inter=100mbit,nics=2", "block",
         (Plan("flat"), Plan("hierarchical")), (1024, 2048, 4096, 8192),
         "2. nics=L: hierarchical / topology-aware flat <= 0.6 where flat is link-bound",
     ),
@@ -227,7 +229,7 @@ def launch(scenario: Scenario, plan: Plan, seq_len: int, workload: Workload, env
     name = f"fabric-{scenario.name}-{plan.ring}-{plan.order}-{seq_len}"
     cmd = RINGCTL + [
         "launch", f"+topology={scenario.topology}", *launcher, f"topology.ring={plan.ring}",
-        f"topology.order={plan.order}", *workload.overrides(seq_len), f"name={name}",
+        f"topology.order={plan.order}", *workload.overrides(seq_len, scenario.world_size), f"name={name}",
         "wandb.mode=offline", f"wandb.group={group}",
     ]
     run_env = {**(env or {**os.environ, **THREADS}), "RINGCTL_RUNS": str(runs)}
@@ -262,17 +264,45 @@ def point_from(scenario: Scenario, plan: Plan, seq_len: int, folder: Path, resul
 def run_scenario(scenario: Scenario, index: int, workload: Workload, local: bool, out: Path, group: str) -> tuple[list[Point], dict[str, Any]]:
     """Cluster up, calibrate, every (plan, seq_len) point, cluster down."""
     cal_len = scenario.calibrate_seq_len
-    points: list[Point] = []
     if local:
         calibration = calibrate(scenario, workload, cal_len, None, out / f"calibration-{scenario.name}.json")
-        for seq_len in scenario.seq_lens:
-            points += [launch(scenario, plan, seq_len, workload, None, out / "runs", group) for plan in scenario.plans]
-        return points, calibration
+        return run_points(scenario, workload, None, out, group), calibration
     with Cluster(scenario, index) as cluster:
         calibration = calibrate(scenario, workload, cal_len, cluster.env, out / f"calibration-{scenario.name}.json")
-        for seq_len in scenario.seq_lens:
-            points += [launch(scenario, plan, seq_len, workload, cluster.env, out / "runs", group) for plan in scenario.plans]
+        points = run_points(scenario, workload, cluster.env, out, group)
     return points, calibration
+
+
+def run_points(scenario: Scenario, workload: Workload, env: dict[str, str] | None, out: Path, group: str) -> list[Point]:
+    """Every (seq_len, plan) of the scenario, the plans of one seq_len back to back; a point
+    that fails is reported and skipped (its row is left out of the table)."""
+    points = []
+    for seq_len in scenario.seq_lens:
+        for plan in scenario.plans:
+            try:
+                points.append(launch(scenario, plan, seq_len, workload, env, out / "runs", group))
+            except RuntimeError as exc:
+                log(f"{scenario.name} {plan.label} S={seq_len} FAILED: {exc}")
+    return points
+
+
+def collect(folders: list[Path]) -> tuple[list[Point], dict[str, Any]]:
+    """Points and calibrations of earlier runs of this script (their --out folders), from
+    the jobs' results.json: to rebuild the table, plot and W&B run without rerunning."""
+    by_name = {s.name: s for s in SCENARIOS}
+    points, calibrations = [], {}
+    for folder in folders:
+        for path in sorted(folder.glob("calibration-*.json")):
+            calibrations[path.stem.removeprefix("calibration-")] = json.loads(path.read_text())
+        for path in sorted(folder.glob("runs/*/*/results.json")):
+            results = json.loads(path.read_text())
+            config = results["config"]
+            scenario = by_name.get(str(config["name"]).split("-")[1])
+            if scenario is None or "times" not in results:
+                continue
+            plan = Plan(config["topology"]["ring"], config["topology"].get("order", "node"))
+            points.append(point_from(scenario, plan, int(config["workload"]["seq_len"]), path.parent, results))
+    return points, calibrations
 
 
 def log(message: str) -> None:
@@ -286,7 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local", action="store_true", help="dry run with launcher=local (no SLURM, no fabric)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/fabric-<time>)")
     p.add_argument("--png", type=Path, default=REPO / "docs" / "fabric_sweep.png", help="where the sweep plot goes")
-    p.add_argument("--iters", type=int, default=Workload.iters, help="timed iterations per job (median)")
+    p.add_argument("--iters", type=int, default=Workload.iters, help="timed iterations per job (the least counts)")
+    p.add_argument("--report", type=Path, nargs="+", default=None, metavar="OUT",
+                   help="run nothing: rebuild table, plot and W&B run from earlier --out folders")
     return p.parse_args(argv)
 
 
@@ -296,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.iters < 1:
         raise SystemExit(f"fabric: --iters {args.iters}: an integer >= 1")
-    if not args.local and os.geteuid() != 0:
+    if not args.local and not args.report and os.geteuid() != 0:
         raise SystemExit("fabric: the dev cluster needs root (or pass --local for a dry run)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = (args.out or REPO / "runs" / f"fabric-{stamp}").resolve()
@@ -306,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
     points: list[Point] = []
     calibrations: dict[str, Any] = {}
-    for index, scenario in enumerate(chosen):
+    if args.report:
+        points, calibrations = collect(args.report)
+        chosen = [s for s in chosen if any(p.scenario == s.name for p in points)]
+    for index, scenario in enumerate([] if args.report else chosen):
         found, calibrations[scenario.name] = run_scenario(scenario, index, workload, args.local, out, group)
         points += found
     summary = {

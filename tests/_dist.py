@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -71,13 +72,24 @@ def run_workers(
     for proc in procs:
         proc.start()
     outcome: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout_s
     try:
         while len(outcome) < world_size:
-            rank, ok, value = results.get(timeout=timeout_s)
-            outcome[rank] = (ok, value)
-    except queue.Empty:
-        missing = sorted(set(range(world_size)) - set(outcome))
-        raise RuntimeError(f"ranks {missing} of {world_size} gave no result in {timeout_s}s")
+            try:
+                rank, ok, value = results.get(timeout=1)
+                outcome[rank] = (ok, value)
+                continue
+            except queue.Empty:
+                pass
+            missing = sorted(set(range(world_size)) - set(outcome))
+            # a rank that died without reporting (killed, or failed to start) never will
+            if any(procs[r].exitcode is not None for r in missing) and results.empty():
+                time.sleep(1)  # its report may still be in the pipe
+                if results.empty():
+                    codes = {r: procs[r].exitcode for r in missing}
+                    raise RuntimeError(f"ranks exited without a result, exit codes {codes}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {missing} of {world_size} gave no result in {timeout_s}s")
     finally:
         for proc in procs:
             proc.join(timeout=10)

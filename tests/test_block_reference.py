@@ -147,3 +147,20 @@ def test_impl_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v, _, _ = _inputs("no-mask")
     with pytest.raises(ValueError, match="RINGCTL_BLOCK_IMPL='cuda-magic'"):
         block.block_forward(q, k, v, scale=1.0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_strided_head_dim_reads_the_right_elements(path: str) -> None:
+    """Views with stride != 1 along D (e.g. x[..., ::2]) must give the dense result."""
+    q, k, v, q_pos, k_pos = _inputs("diagonal")
+    wide = [torch.stack([x, torch.full_like(x, 7.0)], dim=-1).flatten(-2) for x in (q, k, v)]
+    qs, ks, vs = (x[..., ::2] for x in wide)
+    assert qs.stride(-1) == 2
+    out, lse = block._torch_forward(qs, ks, vs, 0.25, q_pos, k_pos, path=path)
+    ref_out, ref_lse = _naive(q, k, v, 0.25, q_pos, k_pos)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    dout = torch.stack([q, -q], dim=-1).flatten(-2)[..., ::2]
+    got = block._torch_backward(dout, qs, ks, vs, out, lse, 0.25, q_pos, k_pos, path=path)
+    want = block._torch_backward(q, q, k, v, ref_out, ref_lse, 0.25, q_pos, k_pos, path=path)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)

@@ -1,9 +1,9 @@
 """`ringctl launch` on a real SLURM cluster (slurm/dev-cluster, started by the `slurm_cluster`
 fixture): two SLURM nodes, a sweep as ONE job array, cancel, and a failing workload.
 
-The dev cluster's nodes are CPU-only and declare 8 CPUs each; RINGCTL_MAX_RANKS_PER_NODE=2
-(the slurm launcher's cap, conf/launcher/slurm.yaml) keeps the 2node topology at 2 ranks
-per node on this 2-core machine. Every command is the real CLI in a subprocess.
+The dev cluster's nodes are CPU-only and declare 8 CPUs each. The first test runs the
+2node topology as written (8 ranks per node); the others set RINGCTL_MAX_RANKS_PER_NODE=2
+(the slurm launcher's cap, conf/launcher/slurm.yaml) to keep them quick on 2 cores. Every command is the real CLI in a subprocess.
 """
 
 from __future__ import annotations
@@ -76,14 +76,20 @@ def cli(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Cli:
 
 
 def test_two_slurm_nodes(cli: Cli) -> None:
-    done = cli("launch", "+topology=2node", "launcher=slurm")
+    """The command exactly as an operator types it: no rank cap, so the 2node topology's
+    8 ranks per node really run as 8 SLURM tasks on each of the two nodes (16 gloo ranks)."""
+    env = {k: v for k, v in cli.env.items() if k != "RINGCTL_MAX_RANKS_PER_NODE"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ringctl", "launch", "+topology=2node", "launcher=slurm"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     [entry] = [e for e in cli.index() if e["overrides"] == ["+topology=2node", "launcher=slurm"]]
     assert entry["kind"] == "slurm"
     results = json.loads((Path(entry["folder"]) / "results.json").read_text())
     names = results["node_names"]
-    assert len(names) == 4 and len(set(names)) == 2, names  # SLURMD_NODENAME, not the shared hostname
-    assert names[0] == names[1] != names[2] == names[3]  # block distribution: 2 ranks per node
+    assert len(names) == 16 and len(set(names)) == 2, names  # SLURMD_NODENAME, not the shared hostname
+    assert names[:8] == [names[0]] * 8 and names[8:] == [names[8]] * 8  # block: 8 ranks per node
     assert results["nodes"] == 2 and results["virtual_nodes"] is False
     assert results["plan"]["nodes"] == 2 and results["plan"]["node_names"] == sorted(set(names), key=names.index)
     assert results["check"]["passed"] and results["check"]["max_error"] <= 1e-9

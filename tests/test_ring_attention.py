@@ -40,12 +40,9 @@ class Case:
         return f"{self.layout}-{mask}-h{self.heads}kv{self.kv_heads}"
 
 
-CASES = [
-    Case(layout, causal, heads, kv_heads)
-    for layout in LAYOUTS
-    for causal in (False, True)
-    for heads, kv_heads in ((8, 2), (4, 4))
-]
+# GQA everywhere; plain multi-head attention on two cases, to keep the suite fast
+CASES = [Case(layout, causal, 8, 2) for layout in LAYOUTS for causal in (False, True)]
+CASES += [Case("zigzag", True, 4, 4), Case("striped", False, 4, 4)]
 BF16_CASES = [Case("zigzag", True, 8, 2), Case("striped", False, 8, 2)]
 
 

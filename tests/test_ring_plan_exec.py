@@ -162,3 +162,23 @@ def test_inter_node_bytes_fall_with_topology_awareness() -> None:
     assert inter("flat-2x2-cyclic-rank-order") == 4 * 3 * kv
     assert inter("flat-2x2-cyclic") == 2 * 3 * kv
     assert inter("hierarchical-2x2-cyclic") == 4 * 1 * kv
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_schedule_visits_every_block_once_and_peers_pair_up(spec: PlanSpec) -> None:
+    """Pure schedule check, no processes: the nested levels enumerate every source position
+    exactly once per rank, and every send has the matching receive on its peer."""
+    import itertools
+
+    from ringctl.ring.schedule import make_schedule
+
+    plan = spec.plan("zigzag")
+    schedules = [make_schedule(plan, rank) for rank in range(plan.world_size)]
+    for rank, sched in enumerate(schedules):
+        assert sched.position == plan.position(rank)
+        steps = itertools.product(*(range(level.size) for level in sched.levels))
+        assert sorted(sched.source(s) for s in steps) == list(range(plan.world_size))
+        for depth, level in enumerate(sched.levels):
+            assert schedules[level.send_to].levels[depth].recv_from == rank
+            if spec.algorithm == "hierarchical" and depth == 1:  # the inner ring stays on a node
+                assert plan.link_class(rank, level.send_to) == "intra" or level.size == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -54,15 +55,21 @@ def ring_attention(
     scale = _check_scale(softmax_scale, q.shape[-1])
     world, rank = _group_size_rank(group)
     if plan is None:
-        from ringctl.plan import RingPlan  # no plan: the rank-order ring on one node
-
-        plan = RingPlan.rank_order(world, layout)
+        plan = _rank_order_plan(world, layout)
     else:
         _check_plan(plan, world, layout)
     if world > 1:
         _check_same_on_every_rank(q, k, causal, layout, group, world)
     spec = _RingSpec(group, make_schedule(plan, rank), layout, causal, scale)
     return _RingAttention.apply(q, k, v, spec)
+
+
+@cache
+def _rank_order_plan(world: int, layout: str) -> Any:
+    """No plan given: the rank-order ring on one node (every link "intra")."""
+    from ringctl.plan import RingPlan
+
+    return RingPlan.rank_order(world, layout)
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,8 @@ def _ring_forward(
         block_out, block_lse = block_forward(
             q, kv[0], kv[1], scale=spec.scale, q_pos=_on(q_pos, q), k_pos=_on(k_pos, q)
         )
-        merge_block(out, lse, block_out, block_lse)
+        rows = _first_seeing_row(q_pos, k_pos)  # rows above it got nothing from this block
+        merge_block(out[:, rows:], lse[:, :, rows:], block_out[:, rows:], block_lse[:, :, rows:])
         return None
 
     comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
@@ -152,7 +160,7 @@ def _ring_backward(
     comm = RingComm(spec.group, spec.schedule.rank, "backward", spec.schedule.link_class)
     ring = _Ring(comm, spec.schedule, leaf, grad_shape=(2, *k.shape))
     dkv = ring.run(torch.stack((k, v)))
-    if dkv is None:  # cannot happen: every rank sees its own block's diagonal
+    if dkv is None:  # with grad_shape set, run() always returns the home accumulator
         raise RuntimeError("ring backward produced no dK/dV")
     return dq, dkv[0], dkv[1]
 
@@ -160,6 +168,13 @@ def _ring_backward(
 def _hidden(q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> bool:
     """True when no query of the shard sees any key of the block (skip it entirely)."""
     return q_pos is not None and k_pos is not None and bool(k_pos[0] > q_pos[-1])
+
+
+def _first_seeing_row(q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> int:
+    """First query row that sees some key of the block (positions ascend within a shard)."""
+    if q_pos is None or k_pos is None:
+        return 0
+    return int(torch.searchsorted(q_pos, k_pos[:1]))
 
 
 def _on(pos: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -189,10 +189,17 @@ def _tile_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     heads = q.shape[2]
     return (
-        q[:, tile.rows].to(dtype),
-        _expand_heads(k[:, tile.keys].to(dtype), heads),
-        _expand_heads(v[:, tile.keys].to(dtype), heads),
+        _dense(q[:, tile.rows], dtype),
+        _expand_heads(_dense(k[:, tile.keys], dtype), heads),
+        _expand_heads(_dense(v[:, tile.keys], dtype), heads),
     )
+
+
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with unit stride along D: ATen's CPU flash kernel assumes it and
+    silently reads wrong elements otherwise."""
+    x = x.to(dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _torch_forward(
@@ -241,7 +248,8 @@ def _torch_backward(
     for tile in tiles(q.shape[1], k.shape[1], q_pos, k_pos):
         qt, kt, vt = _tile_inputs(tile, q, k, v, acc)
         rows = tile.rows
-        grads = _Grads(dout[:, rows].to(acc), out[:, rows].to(acc), lse[:, :, rows].to(acc))
+        dout_t, out_t = _dense(dout[:, rows], acc), _dense(out[:, rows], acc)
+        grads = _Grads(dout_t, out_t, lse[:, :, rows].to(acc))
         gq, gk, gv = tile_backward(grads, qt, kt, vt, scale, tile)
         dq[:, rows] += gq
         dk[:, tile.keys] += _sum_heads(gk, hkv)

@@ -1,10 +1,10 @@
 """Merge of partial attention results by log-sum-exp (online softmax across blocks).
 
 With ``lse' = logaddexp(lse, lse_b)`` the merged output is
-``exp(lse - lse')*o + exp(lse_b - lse')*o_b = o - sigmoid(lse_b - lse) * (o - o_b)``.
-The sigmoid form needs no exp of large numbers, and rows that have seen no key yet
-(``lse = -inf``, ``o = 0``) take the block's values exactly. Only -inf on both sides gives
-NaN in the weight; those rows keep (0, -inf).
+``exp(lse - lse')*o + exp(lse_b - lse')*o_b = o + sigmoid(lse_b - lse) * (o_b - o)``,
+one in-place ``lerp_``. The sigmoid form needs no exp of large numbers, and rows that have
+seen no key yet (``lse = -inf``, ``o = 0``) take the block's values exactly. Only -inf on
+both sides gives NaN in the weight; those rows keep (0, -inf).
 """
 
 from __future__ import annotations
@@ -27,5 +27,4 @@ def merge_block(
     """
     weight = torch.sigmoid(block_lse - lse).nan_to_num_(nan=0.0)  # NaN only for -inf vs -inf
     torch.logaddexp(lse, block_lse, out=lse)
-    weight = weight.transpose(1, 2).unsqueeze(-1).to(out.dtype)
-    out.sub_(weight * (out - block_out))
+    out.lerp_(block_out.to(out.dtype), weight.transpose(1, 2).unsqueeze(-1).to(out.dtype))
