@@ -115,3 +115,11 @@ def test_unknown_topology(tmp_path: Path) -> None:
         "ringctl plan: topology='nope' is invalid; allowed: 16node, 1node, 2node, 4node, "
         "emulated2node, emulated2node_rails, emulated3node"
     )
+
+
+def test_table_writes_default_png(tmp_path: Path) -> None:
+    out = ringctl("+topology=2node", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ringplan-2node.png"]
+    assert (tmp_path / "ringplan-2node.png").read_bytes().startswith(PNG_MAGIC)
+    assert "ringplan-2node.png" in out.stdout

@@ -1,13 +1,14 @@
 """`ringctl plan`: compose conf/, build the Topology and RingPlan, show them.
 
-    ringctl plan +topology=2node                          # table: plan vs rank-order ring
+    ringctl plan +topology=2node                          # table + ringplan-2node.png
     ringctl plan +topology=16node topology.distribution=cyclic --json
     ringctl plan +topology=4node topology.ring=flat workload.seq_len=262144 --png ring.png
 
 Overrides are Hydra's (`topology.*`, `workload.*`: batch, seq_len, heads, kv_heads,
 head_dim, dtype, layout, causal). Hydra composes through its compose API, so nothing is
 written to disk except the PNG asked for. Bad input prints one line naming the key, the
-value and what is allowed, and exits 2. No torch import: this runs anywhere, fast.
+value and what is allowed, and exits 2. The table form also writes the ring's picture
+(`ringplan-<topology>.png`, or --png PATH); --json writes a PNG only when asked. No torch import: this runs anywhere, fast.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main(command: str, argv: list[str]) -> int:
         from ringctl.report import print_report
 
         print_report(plan, workload, topology)
+        # the table always comes with its picture; --json stays side-effect free
+        png = png or f"ringplan-{topology.name}.png"
     if png:
         from ringctl.report import plan_png
 
