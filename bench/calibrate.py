@@ -5,9 +5,9 @@ compute = model FLOPs / `topology.compute_tflops`. On CPU that rate depends on h
 ranks share the cores, so it is measured with the benchmark's own ranks running at once:
 
     # inside the dev cluster (what bench/fabric.py does): same nodes, tasks, env as the jobs
-    srun -N2 --ntasks-per-node=2 python bench/calibrate.py --dir /tmp/cal --seq-len 2048
+    srun -N2 --ntasks-per-node=2 python bench/calibrate.py --dir /tmp/cal --seq-len 8192
     # on this machine without SLURM (4 processes, 2 virtual nodes of 2), for a dry run
-    python bench/calibrate.py --local 2x2 --seq-len 2048 [--write conf/topology/emulated2node.yaml]
+    python bench/calibrate.py --local 2x2 --seq-len 8192 [--write conf/topology/emulated2node.yaml]
 
 Every rank, all at once (one barrier before each measurement):
 - ring (what `--write` uses): ringctl's own ring forward at a size where its transfers hide

@@ -191,13 +191,13 @@ class Cluster:
 
 
 def calibrate(scenario: Scenario, workload: Workload, seq_len: int, env: dict[str, str] | None, out: Path) -> dict[str, Any]:
-    """bench/calibrate.py with the scenario's ranks all at once; writes the topology YAML."""
+    """bench/calibrate.py with the scenario's ranks all at once; on the cluster it writes the
+    topology YAML (a local dry run leaves it alone: see `local_overrides`)."""
     config = TOPOLOGY_DIR / f"{scenario.topology}.yaml"
     shape = [
         "--seq-len", str(seq_len), "--heads", str(workload.heads), "--kv-heads", str(workload.kv_heads),
-        "--head-dim", str(workload.head_dim), "--batch", str(workload.batch),
-        "--write", str(config), "--out", str(out),
-    ]
+        "--head-dim", str(workload.head_dim), "--batch", str(workload.batch), "--out", str(out),
+    ] + ([] if env is None else ["--write", str(config)])
     script = [PYTHON, str(REPO / "bench" / "calibrate.py")]
     with tempfile.TemporaryDirectory(prefix="ringctl-cal-") as rendezvous:
         if env is None:
@@ -222,10 +222,19 @@ def calibrate(scenario: Scenario, workload: Workload, seq_len: int, env: dict[st
     return result
 
 
+def local_overrides(calibration: dict[str, Any]) -> list[str]:
+    """A local dry run's calibration goes on the command line, not into the fabric's YAML."""
+    out = [f"topology.compute_tflops={calibration['ring']['compute_tflops']:.4g}"]
+    if calibration.get("intra"):
+        out.append(f"topology.intra.bandwidth_GBps={calibration['intra']['bandwidth_GBps']:.4g}")
+    return out
+
+
 def launch(scenario: Scenario, plan: Plan, seq_len: int, workload: Workload, env: dict[str, str] | None,
-           runs: Path, group: str) -> Point:
+           runs: Path, group: str, extra: list[str] | None = None) -> Point:
     """One point through `ringctl launch` (a real job); reads its results.json."""
     launcher = ["launcher=local"] if env is None else ["launcher=slurm", f"topology.distribution={scenario.distribution}"]
+    launcher += extra or []
     name = f"fabric-{scenario.name}-{plan.ring}-{plan.order}-{seq_len}"
     cmd = RINGCTL + [
         "launch", f"+topology={scenario.topology}", *launcher, f"topology.ring={plan.ring}",
@@ -266,21 +275,22 @@ def run_scenario(scenario: Scenario, index: int, workload: Workload, local: bool
     cal_len = scenario.calibrate_seq_len
     if local:
         calibration = calibrate(scenario, workload, cal_len, None, out / f"calibration-{scenario.name}.json")
-        return run_points(scenario, workload, None, out, group), calibration
+        return run_points(scenario, workload, None, out, group, local_overrides(calibration)), calibration
     with Cluster(scenario, index) as cluster:
         calibration = calibrate(scenario, workload, cal_len, cluster.env, out / f"calibration-{scenario.name}.json")
         points = run_points(scenario, workload, cluster.env, out, group)
     return points, calibration
 
 
-def run_points(scenario: Scenario, workload: Workload, env: dict[str, str] | None, out: Path, group: str) -> list[Point]:
+def run_points(scenario: Scenario, workload: Workload, env: dict[str, str] | None, out: Path, group: str,
+               extra: list[str] | None = None) -> list[Point]:
     """Every (seq_len, plan) of the scenario, the plans of one seq_len back to back; a point
     that fails is reported and skipped (its row is left out of the table)."""
     points = []
     for seq_len in scenario.seq_lens:
         for plan in scenario.plans:
             try:
-                points.append(launch(scenario, plan, seq_len, workload, env, out / "runs", group))
+                points.append(launch(scenario, plan, seq_len, workload, env, out / "runs", group, extra))
             except RuntimeError as exc:
                 log(f"{scenario.name} {plan.label} S={seq_len} FAILED: {exc}")
     return points

@@ -96,7 +96,7 @@ def _float64_failure(rank: int, world: int, case: Case) -> str | None:
 def _bf16_errors(rank: int, world: int, case: Case) -> list[float]:
     got, want = _run_case(rank, world, case, BF16_SEQ, torch.bfloat16)
     assert all(g.dtype == torch.bfloat16 for g in got)
-    return [float((g.double() - w).abs().max()) for g, w in zip(got, want)]
+    return [float((g.detach().double() - w).abs().max()) for g, w in zip(got, want)]
 
 
 def _mismatch_errors(rank: int, world: int) -> dict[str, str]:

@@ -110,11 +110,9 @@ class _RingAttention(torch.autograd.Function):
 def _ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = acc_dtype(q.dtype)
-    b, s, hq, d = q.shape
-    out = torch.zeros((b, s, hq, d), dtype=acc, device=q.device)
-    lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+    s = q.shape[1]
     q_pos = spec.positions(spec.schedule.position, s)
+    merged: list[torch.Tensor] = []  # [out, lse] once the first block is in
 
     def leaf(src: int, kv: torch.Tensor) -> None:
         k_pos = spec.positions(src, s)
@@ -123,13 +121,19 @@ def _ring_forward(
         block_out, block_lse = block_forward(
             q, kv[0], kv[1], scale=spec.scale, q_pos=_on(q_pos, q), k_pos=_on(k_pos, q)
         )
+        if not merged:  # the first block (this rank's own) is the running result as is
+            merged.extend((block_out, block_lse))
+            return None
+        out, lse = merged
         rows = _first_seeing_row(q_pos, k_pos)  # rows above it got nothing from this block
         merge_block(out[:, rows:], lse[:, :, rows:], block_out[:, rows:], block_lse[:, :, rows:])
         return None
 
     comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
     _Ring(comm, spec.schedule, leaf, grad_shape=None).run(torch.stack((k, v)))
-    return out, lse
+    if not merged:  # cannot happen: position p's own block holds the diagonal
+        raise RuntimeError("ring forward computed no block")
+    return merged[0], merged[1]
 
 
 def _ring_backward(

@@ -173,7 +173,7 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _sum_heads(x: torch.Tensor, hkv: int) -> torch.Tensor:
     b, s, h, d = x.shape
-    return x if h == hkv else x.view(b, s, hkv, h // hkv, d).sum(3)
+    return x if h == hkv else x.reshape(b, s, hkv, h // hkv, d).sum(3)
 
 
 def _mask_of(tile: Tile, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
