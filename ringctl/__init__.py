@@ -17,6 +17,8 @@ _LAZY = {
     "ring_attention": "ringctl.ring",
     "shard_sequence": "ringctl.ring",
     "unshard_sequence": "ringctl.ring",
+    "comm_stats": "ringctl.ring",
+    "reset_comm_stats": "ringctl.ring",
     "Topology": "ringctl.topology",
     "LinkClass": "ringctl.topology",
     "RingPlan": "ringctl.plan",
