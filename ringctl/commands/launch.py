@@ -168,6 +168,8 @@ def follow(jobs: list[Any], poll_s: float = 1.0) -> int:
                 time.sleep(poll_s)
                 live.update(_progress_table(jobs, started))
             live.update(_progress_table(jobs, started))
+        if not out.is_terminal:  # Live leaves its last frame unterminated on a pipe/file
+            out.line()
     except KeyboardInterrupt:
         out.print("stopped following; the jobs keep running (ringctl status / ringctl cancel)")
         return 130
