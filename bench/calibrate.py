@@ -178,7 +178,8 @@ def _hop_time(nbytes: int, send_to: int, recv_from: int) -> float:
     send, recv = torch.ones(n), torch.empty(n)
 
     def hop() -> None:
-        ops = [dist.P2POp(dist.isend, send, send_to), dist.P2POp(dist.irecv, recv, recv_from)]
+        # irecv first, as ringctl/ring/comm.py posts a hop (why: see there)
+        ops = [dist.P2POp(dist.irecv, recv, recv_from), dist.P2POp(dist.isend, send, send_to)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 

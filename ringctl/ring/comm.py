@@ -87,9 +87,14 @@ class RingComm:
             raise RuntimeError("ring hops need contiguous tensors (gloo refuses others)")
         if received.shape != tensor.shape or received.dtype != tensor.dtype:
             raise RuntimeError("a hop receives into a buffer of the sent tensor's shape and dtype")
+        # irecv before isend: a gloo send starts only once the peer's "receive ready"
+        # notice arrives, and that notice travels on the same TCP stream as the peer's own
+        # data. Posting the send first lets a peer queue its notice behind a whole block it
+        # is already sending, so the two directions of a pair (the 2-node outer ring) run one
+        # after the other: measured 6.1 vs 12.0 MB/s per direction on the 100 Mbit/s fabric.
         ops = [
-            dist.P2POp(dist.isend, tensor, group=self.group, group_peer=send_to, tag=tag),
             dist.P2POp(dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag),
+            dist.P2POp(dist.isend, tensor, group=self.group, group_peer=send_to, tag=tag),
         ]
         works = dist.batch_isend_irecv(ops)
         link = self._link_class(self.rank, send_to)
