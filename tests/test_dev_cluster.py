@@ -24,6 +24,7 @@ from slurm_cluster import (
 FABRIC_MBIT = 100  # inter-node rate of the fabric fixture: 12.5 MB/s, so 4 MB take ~0.3 s
 FABRIC_NICS = 2
 PROBE = Path(__file__).with_name("fabric_probe.py")
+HOP_PROBE = Path(__file__).with_name("ring_hop_probe.py")
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,24 @@ def test_fabric_throttles_traffic_between_nodes_not_inside_them(
     for mbps in cross:
         assert 0.7 * rate <= mbps <= 1.1 * rate, f"cross-node {mbps:.1f} MB/s, tbf rate {rate} MB/s"
     assert loop[0] >= 3 * rate, f"loopback {loop[0]:.1f} MB/s, not well above the {rate} MB/s fabric"
+
+
+def test_ring_hop_runs_both_directions_of_a_node_pair_at_the_link_rate(
+    slurm_fabric_cluster: DevCluster, tmp_path: Path
+) -> None:
+    """ringctl's own hop between the two nodes (the hierarchical plan's outer ring: one peer,
+    both directions at once, every rail busy) gets the tbf rate each way. It got half when
+    RingComm posted isend before irecv: gloo's "receive ready" notice then queued behind
+    the peer's own data and the two directions ran one after the other (6.1 MB/s)."""
+    out = slurm_fabric_cluster.run(
+        "srun", "-N2", f"--ntasks-per-node={FABRIC_NICS}", sys.executable, str(HOP_PROBE),
+        "--dir", str(tmp_path), "--mb", "2", timeout=120,
+    ).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rate = FABRIC_MBIT / 8  # MB/s
+    mbps = sorted(r["MBps"] for r in records)
+    print(f"\nring hop across nodes, both directions at once: MB/s per rank {mbps} (tbf {rate} MB/s)")
+    assert len(mbps) == 2 * FABRIC_NICS
+    assert sorted(r["ifname"] for r in records) == sorted([f"eth{j}" for j in range(FABRIC_NICS)] * 2)
+    for value in mbps:
+        assert 0.7 * rate <= value <= 1.1 * rate, f"hop {value:.1f} MB/s each way, tbf rate {rate} MB/s"
