@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from slurm_cluster import DevCluster, DevClusterError, cluster_state_dir, require_dev_cluster, start, stop
+from slurm_cluster import DevCluster, running_cluster
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +18,5 @@ def slurm_cluster() -> Iterator[DevCluster]:
     Skipped when not root or SLURM is not installed, except under CI=true (then it fails).
     A fresh cluster restarts its job ids: give submitit a fresh folder (tmp_path).
     """
-    require_dev_cluster()
-    try:
-        cluster = start(cluster_state_dir("plain"), nodes=2, cpus=8, prefix="node")
-    except DevClusterError as err:
-        pytest.fail(str(err), pytrace=False)
-    try:
+    with running_cluster("plain", nodes=2, cpus=8, prefix="node") as cluster:
         yield cluster
-    finally:
-        stop(cluster)

@@ -12,6 +12,8 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,3 +190,20 @@ def stop(cluster: DevCluster) -> float:
     if left:
         raise DevClusterError("slurm/dev-cluster down left: " + "; ".join(left))
     return seconds
+
+
+@contextmanager
+def running_cluster(kind: str, **start_kwargs: object) -> Iterator[DevCluster]:
+    """A started dev cluster for a pytest fixture: skip/fail as `require_dev_cluster` says,
+    fail (not error) when `up` fails, and always stop it (teardown raises on leftovers)."""
+    import pytest
+
+    require_dev_cluster()
+    try:
+        cluster = start(cluster_state_dir(kind), **start_kwargs)  # type: ignore[arg-type]
+    except DevClusterError as err:
+        pytest.fail(str(err), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        stop(cluster)

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import (
-    DEV_CLUSTER, DevCluster, DevClusterError, cluster_state_dir, require_dev_cluster, start, stop,
-)
+from slurm_cluster import DEV_CLUSTER, DevCluster, running_cluster
 
 FABRIC_MBIT = 100  # inter-node rate of the fabric fixture: 12.5 MB/s, so 4 MB take ~0.3 s
 FABRIC_NICS = 2
@@ -30,18 +28,11 @@ HOP_PROBE = Path(__file__).with_name("ring_hop_probe.py")
 @pytest.fixture(scope="module")
 def slurm_fabric_cluster() -> Iterator[DevCluster]:
     """2 nodes, each in its own network namespace with 2 NICs (one per rank) at 200 Mbit/s."""
-    require_dev_cluster()
-    try:
-        cluster = start(
-            cluster_state_dir("fabric"), nodes=2, cpus=4, prefix=f"f{os.getpid() % 100000}n",
-            fabric=f"inter={FABRIC_MBIT}mbit,nics={FABRIC_NICS}",
-        )
-    except DevClusterError as err:
-        pytest.fail(str(err), pytrace=False)
-    try:
+    with running_cluster(
+        "fabric", nodes=2, cpus=4, prefix=f"f{os.getpid() % 100000}n",
+        fabric=f"inter={FABRIC_MBIT}mbit,nics={FABRIC_NICS}",
+    ) as cluster:
         yield cluster
-    finally:
-        stop(cluster)
 
 
 def test_srun_runs_one_task_on_each_node(slurm_cluster: DevCluster) -> None:
