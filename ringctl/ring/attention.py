@@ -112,6 +112,7 @@ def _ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     s = q.shape[1]
     q_pos = spec.positions(spec.schedule.position, s)
+    q_pos_dev = _on(q_pos, q)  # constant over the ring: moved to q's device once
     merged: list[torch.Tensor] = []  # [out, lse] once the first block is in
 
     def leaf(src: int, kv: torch.Tensor) -> None:
@@ -119,7 +120,7 @@ def _ring_forward(
         if _hidden(q_pos, k_pos):
             return None
         block_out, block_lse = block_forward(
-            q, kv[0], kv[1], scale=spec.scale, q_pos=_on(q_pos, q), k_pos=_on(k_pos, q)
+            q, kv[0], kv[1], scale=spec.scale, q_pos=q_pos_dev, k_pos=_on(k_pos, q)
         )
         if not merged:  # the first block (this rank's own) is the running result as is
             merged.extend((block_out, block_lse))
@@ -149,6 +150,7 @@ def _ring_backward(
     s = q.shape[1]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     q_pos = spec.positions(spec.schedule.position, s)
+    q_pos_dev = _on(q_pos, q)
 
     def leaf(src: int, kv: torch.Tensor) -> Sequence[torch.Tensor] | None:
         k_pos = spec.positions(src, s)
@@ -156,7 +158,7 @@ def _ring_backward(
             return None
         dq_b, dk_b, dv_b = block_backward(
             dout, q, kv[0], kv[1], out, lse,
-            scale=spec.scale, q_pos=_on(q_pos, q), k_pos=_on(k_pos, q),
+            scale=spec.scale, q_pos=q_pos_dev, k_pos=_on(k_pos, q),
         )  # fmt: skip
         dq.add_(dq_b)
         return dk_b, dv_b
