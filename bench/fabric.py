@@ -21,7 +21,7 @@ Scenarios (see conf/topology/emulated*.yaml):
    where the flat ring is link-bound.
 3. `cyclic3`: scenario 1 on 3 nodes (6 ranks).
 
-Compared quantity: the forward time of one ring attention call (the bench workload's
+Compared quantity: the forward time of one ring attention call (the attention workload's
 `fwd_s`: slowest rank per iteration; the least over the iterations, since the 2 cores are
 shared with other work and the least is the least disturbed) vs the plan's
 `predicted_forward_time_s` (W-1 ring steps of max(compute, transfer) plus the last block;

@@ -87,7 +87,7 @@ class LauncherConfig:
 class WorkloadConfig:
     """What every rank runs. Shapes are global: seq_len is the whole sequence."""
 
-    name: str = "bench"
+    name: str = "attention"
     batch: int = 1
     seq_len: int = 1024
     heads: int = 8
@@ -100,7 +100,7 @@ class WorkloadConfig:
 
 
 @dataclass
-class BenchConfig(WorkloadConfig):
+class AttentionConfig(WorkloadConfig):
     """ring_attention fwd+bwd timing, plus an exactness check against SDPA in float64."""
 
     warmup: int = 1
@@ -144,7 +144,7 @@ class WandbConfig:
 
 
 cs.store(group="launcher", name="schema", node=LauncherConfig)
-cs.store(group="workload", name="schema_bench", node=BenchConfig)
+cs.store(group="workload", name="schema_attention", node=AttentionConfig)
 cs.store(group="workload", name="schema_train", node=TrainConfig)
 cs.store(group="workload", name="schema_custom", node=CustomConfig)
 cs.store(group="wandb", name="schema", node=WandbConfig)

@@ -229,7 +229,7 @@ def validate(cfg: Any) -> Resources:
     if work.heads % work.kv_heads:
         raise ConfigError("workload.kv_heads", work.kv_heads, f"a divisor of workload.heads={work.heads}")
     _check_seq_len("workload.seq_len", work.seq_len, work.layout, res.world_size)
-    if work.name == "bench" and work.get("check"):
+    if work.name == "attention" and work.get("check"):
         _check_seq_len("workload.check_seq_len", work.check_seq_len, work.layout, res.world_size)
     if work.name == "train":
         _positive_int("workload.steps", work.steps)

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import _make_sbatch_string
 
-from ringctl.config import CONF_DIR, BenchConfig, CustomConfig, LauncherConfig, TrainConfig, WandbConfig, compose
+from ringctl.config import CONF_DIR, AttentionConfig, CustomConfig, LauncherConfig, TrainConfig, WandbConfig, compose
 from ringctl.errors import ConfigError
 from ringctl.launch import resources, sbatch_parameters, validate
 
@@ -25,7 +25,7 @@ GOLDEN = Path(__file__).parent / "golden"
 def test_defaults_compose_to_typed_groups() -> None:
     cfg = compose([])
     assert OmegaConf.get_type(cfg.launcher) is LauncherConfig
-    assert OmegaConf.get_type(cfg.workload) is BenchConfig
+    assert OmegaConf.get_type(cfg.workload) is AttentionConfig
     assert OmegaConf.get_type(cfg.wandb) is WandbConfig
     assert cfg.launcher.kind == "auto" and cfg.wandb.mode == "offline" and cfg.wait is True
 
@@ -38,7 +38,7 @@ def test_launcher_group(option: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("option", "schema"), [("bench", BenchConfig), ("train", TrainConfig), ("custom", CustomConfig)]
+    ("option", "schema"), [("attention", AttentionConfig), ("train", TrainConfig), ("custom", CustomConfig)]
 )
 def test_workload_group(option: str, schema: type) -> None:
     cfg = compose([f"workload={option}"])

@@ -80,10 +80,10 @@ def test_wandb_offline_run_holds_step_metrics(local_job: dict) -> None:
     run_dir = Path(results["wandb"]["run_dir"])
     assert run_dir.parent == folder / "wandb" and run_dir.name.startswith("offline-run-")
     [run_file] = run_dir.glob("run-*.wandb")
-    steps = [h for h in wandb_records.history(run_file) if "bench/fwd_ms" in h]
+    steps = [h for h in wandb_records.history(run_file) if "attention/fwd_ms" in h]
     iters = results["config"]["workload"]["iters"]
     assert [h["_step"] for h in steps] == list(range(1, iters + 1))
-    logged = [h["bench/fwd_ms"] / 1e3 for h in steps]
+    logged = [h["attention/fwd_ms"] / 1e3 for h in steps]
     assert logged == pytest.approx(results["times"]["fwd_s"], rel=1e-9)
     summary = wandb_records.summary(run_file)
     assert summary["check/passed"] is True and summary["max_error"] == pytest.approx(results["max_error"])

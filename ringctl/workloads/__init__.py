@@ -1,6 +1,6 @@
 """Workloads: what a ringctl job runs on every rank, `fn(cfg, ctx) -> dict`.
 
-`bench` times ring_attention and checks it; `train` trains a small LM whose attention
+`attention` times ring_attention and checks it; `train` trains a small LM whose attention
 is ring_attention; `custom` calls the user's `pkg.module:fn`. The returned dict (rank 0's)
 is merged into results.json.
 """
@@ -11,7 +11,7 @@ from importlib import import_module
 from typing import Any, Callable
 
 # workload.name -> module defining `run(cfg, ctx) -> dict`
-WORKLOADS = {"bench": "ringctl.workloads.bench", "train": "ringctl.workloads.train", "custom": "ringctl.workloads.custom"}
+WORKLOADS = {"attention": "ringctl.workloads.attention", "train": "ringctl.workloads.train", "custom": "ringctl.workloads.custom"}
 
 
 def get_workload(name: str) -> Callable[[Any, Any], dict[str, Any]]:

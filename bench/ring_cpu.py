@@ -10,8 +10,8 @@ Measured side by side in one run, same inputs, printed as ratios (a script, not 
    load balance, which is ringctl's ``zigzag`` layout; torch's ring needs K/V with all Hq
    heads, so GQA inputs are expanded for it only.
 
-    python -m ringctl.bench                          # W=2, B=1, S=8192, 8 heads, D=64, causal
-    python -m ringctl.bench --world 2,4 --seq 4096 --no-causal
+    python bench/ring_cpu.py                          # W=2, B=1, S=8192, 8 heads, D=64, causal
+    python bench/ring_cpu.py --world 2,4 --seq 4096 --no-causal
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ringctl.bench", description=(__doc__ or "").split("\n")[0]
+        prog="bench/ring_cpu.py", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--world", default="2", help="comma-separated world sizes (default 2)")
     parser.add_argument("--batch", type=int, default=1)

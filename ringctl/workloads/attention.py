@@ -1,4 +1,4 @@
-"""bench: ring_attention forward+backward timing, bytes per link class, exactness.
+"""attention: ring_attention forward+backward timing, bytes per link class, exactness.
 
 1. Timing at the configured size: every rank holds the shard of its ring position;
    forward and backward are timed separately (slowest rank, after a barrier).
@@ -80,7 +80,7 @@ def timing(ctx: Any) -> dict[str, Any]:
             bwd.append(t_bwd)
     fwd, bwd = _slowest(fwd, ctx), _slowest(bwd, ctx)
     for step, (f, b) in enumerate(zip(fwd, bwd), start=1):
-        ctx.metrics.log({"bench/fwd_ms": 1e3 * f, "bench/bwd_ms": 1e3 * b, "bench/step_ms": 1e3 * (f + b)}, step=step)
+        ctx.metrics.log({"attention/fwd_ms": 1e3 * f, "attention/bwd_ms": 1e3 * b, "attention/step_ms": 1e3 * (f + b)}, step=step)
     return {
         "fwd_s": fwd, "bwd_s": bwd,
         "fwd_median_s": sorted(fwd)[len(fwd) // 2], "bwd_median_s": sorted(bwd)[len(bwd) // 2],
