@@ -59,9 +59,9 @@ class Shape:
     head_dim: int
 
     def block_tokens(self, world: int) -> int:
-        if self.seq_len % (2 * world):
-            raise ValueError(f"--seq-len {self.seq_len}: a multiple of 2 x world size {world} (zigzag)")
-        return self.seq_len // world
+        from ringctl.plan import check_seq_len
+
+        return check_seq_len(self.seq_len, "zigzag", world, key="--seq-len")
 
     def kv_bytes(self, world: int) -> int:
         """K and V of one shard, float32 (what one ring hop carries)."""

@@ -78,11 +78,76 @@ class RunContext:
     folder: Path  # the job folder
     metrics: Any  # ringctl.metrics.Metrics (no-op on ranks other than 0)
     ring_attention: Callable[..., Any] = field(repr=False, default=None)  # type: ignore[assignment]
+    # CPU threads: {"per_rank": [torch threads of each rank], "source": the setting that chose them}
+    threads: dict[str, Any] = field(default_factory=dict)
 
     @property
     def position(self) -> int:
         """This rank's position on the ring (which shard it holds)."""
         return self.plan.position(self.rank)
+
+
+#: --cpus-per-task of a GPU rank when launcher.cpus_per_task is null: its host work (kernel
+#: launches, NCCL's proxy thread, data loading, CPU ops) wants a few cores, and nodes carry at
+#: least 8 cores per GPU (a DGX H100: 112 for 8). CPU-only ranks (the dev cluster, whose nodes
+#: may declare more CPUs than the host has) ask for 1.
+GPU_RANK_CPUS = 8
+
+
+def cpus_per_task(launcher_cfg: Any, gpus_per_node: int) -> int:
+    """CPUs one rank owns: `launcher.cpus_per_task`, or by default GPU_RANK_CPUS for GPU
+    ranks and 1 for CPU-only ranks."""
+    from ringctl.errors import check_positive_int
+
+    value = launcher_cfg.get("cpus_per_task")
+    if value is None:
+        return GPU_RANK_CPUS if gpus_per_node > 0 else 1
+    return check_positive_int("launcher.cpus_per_task", value)
+
+
+@dataclass(frozen=True)
+class Threads:
+    """The intra-op thread count of this rank and the setting it came from."""
+
+    count: int
+    source: str  # OMP_NUM_THREADS | SLURM_CPUS_PER_TASK | launcher.cpus_per_task | cores/local_ranks
+
+
+def choose_threads(config: dict[str, Any], environ: Any = os.environ) -> Threads:
+    """Threads for one rank from the cores it owns, so ranks sharing a machine do not each
+    start one thread per core (4 ranks x 2 threads on 2 cores ran 5x slower than 1 each).
+
+    A user's OMP_NUM_THREADS wins; under SLURM, SLURM_CPUS_PER_TASK; on the local launcher,
+    launcher.cpus_per_task if set, else the usable cores (sched_getaffinity) divided by the
+    ranks on this machine (all of them, locally), at least 1."""
+    user = environ.get("OMP_NUM_THREADS", "").strip()
+    if user:
+        first = user.split(",")[0]  # OpenMP also accepts a nested list "4,2"
+        if not first.isdigit() or int(first) < 1:
+            raise ValueError(f"OMP_NUM_THREADS={user!r} is invalid; allowed: an integer >= 1")
+        return Threads(int(first), "OMP_NUM_THREADS")
+    res = config.get("resources") or {}
+    launcher = config.get("launcher") or {}
+    if res.get("kind") == "slurm" and environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return Threads(max(1, int(environ["SLURM_CPUS_PER_TASK"])), "SLURM_CPUS_PER_TASK")
+    if res.get("kind") != "slurm" and launcher.get("cpus_per_task") is not None:
+        return Threads(cpus_per_task(launcher, 0), "launcher.cpus_per_task")
+    if res.get("kind") == "slurm":
+        local_ranks = int(res.get("ranks_per_node") or 1)
+    else:  # every rank of every (virtual) node runs on this machine
+        local_ranks = int(res.get("nodes") or 1) * int(res.get("ranks_per_node") or 1)
+    return Threads(max(1, len(os.sched_getaffinity(0)) // local_ranks), "cores/local_ranks")
+
+
+def set_threads(config: dict[str, Any]) -> Threads:
+    """Apply `choose_threads`: OMP_NUM_THREADS for what this process starts (and for OpenMP,
+    when torch is not imported yet: call this first) and torch.set_num_threads."""
+    threads = choose_threads(config)
+    os.environ["OMP_NUM_THREADS"] = str(threads.count)
+    import torch
+
+    torch.set_num_threads(threads.count)
+    return threads
 
 
 def _init_distributed(cfg: Any) -> tuple[Any, Any]:
@@ -132,6 +197,7 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     A rank whose workload raises writes its traceback to `rank<R>.error` in the job folder
     before re-raising, so `ringctl launch` can show the root cause (the first error file)
     rather than the peers' "connection closed" that follows it."""
+    threads = set_threads(config)  # first: OpenMP reads OMP_NUM_THREADS when torch loads
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
@@ -139,10 +205,13 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     folder = _job_folder()
     device, env = _init_distributed(cfg)
     rank = dist.get_rank()
+    threads_per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(threads_per_rank, threads.count)
     ctx: RunContext | None = None
     try:
         try:
             ctx = _context(cfg, folder, device, env.local_rank)
+            ctx.threads = {"per_rank": threads_per_rank, "source": threads.source}
             results = _run_workload(cfg, config, ctx)
         except BaseException:
             error = traceback.format_exc()
@@ -165,16 +234,13 @@ def _context(cfg: Any, folder: Path, device: Any, local_rank: int) -> RunContext
     import torch.distributed as dist
 
     from ringctl.metrics import Metrics
-    from ringctl.plan import make_plan
+    from ringctl.plan import plan_from_config
 
     rank, world = dist.get_rank(), dist.get_world_size()
     names: list[Any] = [None] * world
     dist.all_gather_object(names, node_name())
     topology = discover(cfg.topology, list(names), cfg.resources.virtual_node_size)
-    plan = make_plan(
-        topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"),
-        order=cfg.topology.get("order", "node"),
-    )
+    plan, _ = plan_from_config(topology, cfg.topology, cfg.workload)
     ctx = RunContext(
         cfg=cfg, rank=rank, world_size=world, local_rank=local_rank, device=device,
         group=dist.group.WORLD, plan=plan, topology=topology, node_names=list(names),
@@ -193,6 +259,7 @@ def _header(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
         "nodes": ctx.plan.nodes,
         "virtual_nodes": ctx.cfg.resources.virtual_node_size is not None,
         "plan": plan_dict(ctx.plan, ctx.cfg.workload),
+        "threads": ctx.threads,
     }
 
 

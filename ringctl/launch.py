@@ -9,6 +9,7 @@ so bad input leaves no job folder behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -22,8 +23,9 @@ from typing import Any, Iterator
 
 import submitit
 
-from ringctl.config import DTYPES, LAUNCHER_KINDS, LAYOUTS, WANDB_MODES, TopologyConfig
-from ringctl.errors import ConfigError
+from ringctl.config import LAUNCHER_KINDS, WANDB_MODES, TopologyConfig
+from ringctl.errors import ConfigError, check_positive_int
+from ringctl.job import cpus_per_task
 
 #: the file (under the runs root) mapping job id -> job folder, one JSON object a line
 INDEX_NAME = "index.jsonl"
@@ -52,7 +54,9 @@ def resolve_kind(kind: str) -> str:
     return kind
 
 
+@functools.cache
 def _slurm_answers() -> bool:
+    """Asked once per process: a sweep's points and the launcher share the answer."""
     if not (shutil.which("sbatch") and shutil.which("sinfo")):
         return False
     try:
@@ -78,24 +82,14 @@ class Resources:
         return self.nodes * self.ranks_per_node
 
 
-def _positive_int(key: str, value: Any, allowed: str = "an integer >= 1") -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, value, allowed) from None
-    if number < 1 or (isinstance(value, float) and value != number):
-        raise ConfigError(key, value, allowed)
-    return number
-
-
 def resources(cfg: Any) -> Resources:
     """Nodes and ranks per node from the topology, capped by the launcher."""
     kind = resolve_kind(str(cfg.launcher.kind))
     topo, defaults = cfg.topology, TopologyConfig()  # keys a topology leaves out: the schema's
-    nodes = _positive_int("topology.nodes", topo.get("nodes", defaults.nodes))
+    nodes = check_positive_int("topology.nodes", topo.get("nodes", defaults.nodes))
     per_node = topo.get("ranks_per_node", defaults.ranks_per_node)
     if not isinstance(per_node, int):
-        counts = [_positive_int("topology.ranks_per_node", n) for n in per_node]
+        counts = [check_positive_int("topology.ranks_per_node", n) for n in per_node]
         if len(set(counts)) != 1:
             raise ConfigError(
                 "topology.ranks_per_node", list(counts),
@@ -104,12 +98,12 @@ def resources(cfg: Any) -> Resources:
         if len(counts) != nodes:
             raise ConfigError("topology.ranks_per_node", list(counts), f"one entry per node ({nodes})")
         per_node = counts[0]
-    per_node = _positive_int("topology.ranks_per_node", per_node)
+    per_node = check_positive_int("topology.ranks_per_node", per_node)
     cap, cap_key = cfg.launcher.get("max_ranks_per_node"), "launcher.max_ranks_per_node"
     if cap is None and kind == "local":
         cap, cap_key = cfg.launcher.get("local_ranks_per_node", 2), "launcher.local_ranks_per_node"
     if cap is not None:
-        per_node = min(per_node, _positive_int(cap_key, cap))
+        per_node = min(per_node, check_positive_int(cap_key, cap))
     gpus = cfg.launcher.get("gpus_per_node")
     if gpus is None and kind == "local":
         gpus = 0  # local processes run on CPU with gloo unless launcher.gpus_per_node asks
@@ -124,7 +118,7 @@ def resources(cfg: Any) -> Resources:
         raise ConfigError("launcher.gpus_per_node", gpus, "an integer >= 0 or null")
     virtual = topo.get("virtual_node_size")
     if virtual is not None:
-        virtual = _positive_int("topology.virtual_node_size", virtual)
+        virtual = check_positive_int("topology.virtual_node_size", virtual)
         if (nodes * per_node) % virtual:
             raise ConfigError(
                 "topology.virtual_node_size", virtual,
@@ -135,6 +129,7 @@ def resources(cfg: Any) -> Resources:
     return Resources(kind, nodes, per_node, gpus, virtual)
 
 
+@functools.cache
 def _cluster_has_gpus(partition: str | None) -> bool:
     """Whether the SLURM partition's nodes offer GPU GRES (`sinfo %G`); a CPU-only cluster
     such as slurm/dev-cluster runs a GPU topology's ranks on CPUs (gloo)."""
@@ -149,15 +144,6 @@ def _cluster_has_gpus(partition: str | None) -> bool:
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, value, " | ".join(allowed))
-
-
-def _check_seq_len(key: str, seq_len: int, layout: str, world: int) -> None:
-    divisor = 2 * world if layout == "zigzag" else world
-    if seq_len < divisor or seq_len % divisor:
-        raise ConfigError(
-            key, seq_len,
-            f"a multiple of {divisor} (layout {layout} over {world} ranks splits into {divisor} chunks)",
-        )
 
 
 def _check_no_newline(key: str, value: Any) -> None:
@@ -175,8 +161,8 @@ def sbatch_parameters(cfg: Any, res: Resources, name: str) -> dict[str, Any]:
         "job_name": name,
         "nodes": res.nodes,
         "ntasks_per_node": res.ranks_per_node,
-        "cpus_per_task": _positive_int("launcher.cpus_per_task", launcher.get("cpus_per_task", 1)),
-        "time": _positive_int("launcher.time_min", launcher.get("time_min", 10)),
+        "cpus_per_task": cpus_per_task(launcher, res.gpus_per_node),  # null: 8 per GPU rank, else 1
+        "time": check_positive_int("launcher.time_min", launcher.get("time_min", 10)),
     }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
@@ -216,29 +202,29 @@ def sbatch_parameters(cfg: Any, res: Resources, name: str) -> dict[str, Any]:
 
 
 def validate(cfg: Any) -> Resources:
-    """Every check that can fail before submission; raises ConfigError naming the key."""
+    """Every check that can fail before submission; raises ConfigError naming the key.
+
+    It builds what the job builds (the topology the ranks will discover, the RingPlan and
+    its Workload, through the same functions), so a config that validates is one that runs.
+    """
+    from ringctl.job import planned_topology
+    from ringctl.plan import check_seq_len, plan_from_config
+
     res = resources(cfg)
-    work = cfg.workload
-    _check_choice("workload.dtype", work.dtype, DTYPES)
-    _check_choice("workload.layout", work.layout, LAYOUTS)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     if cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         raise ConfigError("wandb.mode", "online", "offline | disabled, or set WANDB_API_KEY in the environment")
-    for key in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
-        _positive_int(f"workload.{key}", work[key])
-    if work.heads % work.kv_heads:
-        raise ConfigError("workload.kv_heads", work.kv_heads, f"a divisor of workload.heads={work.heads}")
-    _check_seq_len("workload.seq_len", work.seq_len, work.layout, res.world_size)
+    plan, _ = plan_from_config(planned_topology(cfg, res), cfg.topology, cfg.workload)
+    work = cfg.workload
     if work.name == "attention" and work.get("check"):
-        _check_seq_len("workload.check_seq_len", work.check_seq_len, work.layout, res.world_size)
+        check_seq_len(work.check_seq_len, plan.layout, plan.world_size, key="workload.check_seq_len")
     if work.name == "train":
-        _positive_int("workload.steps", work.steps)
-        _positive_int("workload.vocab", work.vocab)
+        check_positive_int("workload.steps", work.steps)
+        check_positive_int("workload.vocab", work.vocab)
     if work.name == "custom":
         _check_entry(str(work.entry))
     if res.kind == "slurm":
         sbatch_parameters(cfg, res, str(cfg.get("name", "ringctl")))
-    _check_plan(cfg, res)
     return res
 
 
@@ -255,23 +241,6 @@ def _check_entry(entry: str) -> None:
         found = None
     if found is None:
         raise ConfigError("workload.entry", entry, f"an importable module (module {module!r} not found)")
-
-
-def _check_plan(cfg: Any, res: Resources) -> None:
-    """The planner sees the same topology the job will discover; its errors are config errors."""
-    from ringctl.job import planned_topology
-    from ringctl.plan import make_plan
-
-    try:
-        topology = planned_topology(cfg, res)
-        make_plan(
-            topology, layout=cfg.workload.layout, algorithm=cfg.topology.get("ring", "flat"),
-            order=cfg.topology.get("order", "node"),
-        )
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError("topology", cfg.topology.get("name"), str(exc)) from None
 
 
 @dataclass
@@ -310,18 +279,19 @@ class Launcher:
         return folder
 
     def submit(
-        self, cfgs: list[Any], name: str, overrides: list[tuple[str, ...]] | None = None
+        self, points: list[tuple[Any, Resources]], name: str, overrides: list[tuple[str, ...]] | None = None
     ) -> list[Submitted]:
-        """Validate all, then submit all at once: under SLURM one job array per set of
-        points that share resources and sbatch options (one array for a usual sweep)."""
-        checked = [validate(cfg) for cfg in cfgs]
+        """Submit validated points (each a config and the Resources `validate` returned for
+        it) all at once: under SLURM one job array per set of points that share resources
+        and sbatch options (one array for a usual sweep)."""
+        cfgs = [cfg for cfg, _ in points]
         overrides = overrides or [() for _ in cfgs]
         groups: dict[str, list[int]] = {}
-        for i, (cfg, res) in enumerate(zip(cfgs, checked)):
+        for i, (cfg, res) in enumerate(points):
             groups.setdefault(_submission_key(cfg, res), []).append(i)
         submitted: dict[int, Submitted] = {}
         for indices in groups.values():
-            jobs = self._submit_batch([cfgs[i] for i in indices], checked[indices[0]], name)
+            jobs = self._submit_batch([cfgs[i] for i in indices], points[indices[0]][1], name)
             for i, job in zip(indices, jobs):
                 submitted[i] = Submitted(job, Path(str(job.paths.folder)), name, self.kind, tuple(overrides[i]))
         out = [submitted[i] for i in range(len(cfgs))]
@@ -397,10 +367,14 @@ class LocalLauncher(Launcher):
         return _stdio_to_devnull()
 
     def executor(self, folder: Path, cfg: Any, res: Resources, name: str) -> submitit.Executor:
+        # each rank sets its own threads (ringctl.job.set_threads: launcher.cpus_per_task, else
+        # the cores / ranks here); a bad value fails here, before any folder exists
+        if cfg.launcher.get("cpus_per_task") is not None:
+            cpus_per_task(cfg.launcher, res.gpus_per_node)
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=0)
         params: dict[str, Any] = {
             "tasks_per_node": res.world_size,
-            "timeout_min": _positive_int("launcher.time_min", cfg.launcher.get("time_min", 10)),
+            "timeout_min": check_positive_int("launcher.time_min", cfg.launcher.get("time_min", 10)),
             "gpus_per_node": res.gpus_per_node,
         }
         setup = list(cfg.launcher.get("setup") or [])
@@ -410,11 +384,10 @@ class LocalLauncher(Launcher):
         return executor
 
 
-def make_launcher(cfg: Any) -> Launcher:
-    """The launcher `launcher.kind` asks for (auto resolved here)."""
-    kind = resolve_kind(str(cfg.launcher.kind))
-    root = runs_root(cfg.launcher.get("root"))
-    return SlurmLauncher(root) if kind == "slurm" else LocalLauncher(root)
+def make_launcher(res: Resources, root: str | None = None) -> Launcher:
+    """The launcher for validated Resources (`launcher.kind`, auto already resolved)."""
+    folder = runs_root(root)
+    return SlurmLauncher(folder) if res.kind == "slurm" else LocalLauncher(folder)
 
 
 # ---- the job index: job id -> folder, so job control works from any shell ----------------

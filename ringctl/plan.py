@@ -23,15 +23,39 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringctl.errors import ConfigError
-from ringctl.topology import LINKS, LinkClass, Topology
+from ringctl.errors import ConfigError, check_positive_int
+from ringctl.topology import LINKS, LinkClass, Topology, setting
 
+# The names below are defined here once and imported everywhere else (config, launch, the
+# runtime in ring/, benchmarks); this module has no torch import, so anything may use them.
+
+#: ring algorithms (topology.ring): one flat ring, or LoongTrain's double ring
 ALGORITHMS = ("flat", "hierarchical")
 #: ring order of a flat ring: node-contiguous (topology-aware) or rank order (the baseline)
 ORDERS = ("node", "rank")
+#: sequence layouts (workload.layout): which global tokens each ring position holds
 LAYOUTS = ("contiguous", "zigzag", "striped")
+#: the two passes of one attention call; byte counters and predictions are kept per phase
 PHASES = ("forward", "backward")
+#: dtype names (workload.dtype) and their element size
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def seq_len_divisor(layout: str, world_size: int) -> int:
+    """A global sequence must be a multiple of this to split under `layout` over
+    `world_size` ring positions: zigzag cuts it in 2W chunks, the others in W shards."""
+    if layout not in LAYOUTS:
+        raise ConfigError("workload.layout", layout, " | ".join(LAYOUTS))
+    return 2 * world_size if layout == "zigzag" else world_size
+
+
+def check_seq_len(seq_len: object, layout: str, world_size: int, key: str = "workload.seq_len") -> int:
+    """Tokens per shard; ConfigError naming `key` when `layout` cannot split `seq_len`."""
+    div = seq_len_divisor(layout, world_size)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1 or seq_len % div:
+        how = f"2 x world size {world_size} chunks" if layout == "zigzag" else f"world size {world_size} shards"
+        raise ConfigError(key, seq_len, f"a positive multiple of {div} ({layout} splits it in {how})")
+    return seq_len // world_size
 #: backward FLOPs / forward FLOPs of blockwise attention (recompute of P, then dV, dP, dQ, dK)
 BACKWARD_FLOP_RATIO = 2.5
 
@@ -51,9 +75,7 @@ class Workload:
 
     def __post_init__(self) -> None:
         for key in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"workload.{key}", value, "an integer >= 1")
+            check_positive_int(f"workload.{key}", getattr(self, key))
         if self.heads % self.kv_heads:
             raise ConfigError("workload.kv_heads", self.kv_heads, f"a divisor of workload.heads={self.heads}")
         if self.dtype not in DTYPE_BYTES:
@@ -67,8 +89,7 @@ class Workload:
     def from_config(cls, cfg: Any) -> Workload:
         """From the `workload` config node (mapping or attributes); missing keys keep the
         defaults above (a long-context bfloat16 GQA layer)."""
-        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-        kwargs = {k: get(k, None) for k in ("batch", "seq_len", "heads", "kv_heads", "head_dim", "dtype", "causal")}
+        kwargs = {k: setting(cfg, k, None) for k in ("batch", "seq_len", "heads", "kv_heads", "head_dim", "dtype", "causal")}
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -131,26 +152,16 @@ class RingPlan:
 
     @property
     def seq_len_divisor(self) -> int:
-        """seq_len must be a multiple of this: zigzag cuts the sequence in 2W chunks."""
-        return 2 * self.world_size if self.layout == "zigzag" else self.world_size
+        """seq_len must be a multiple of this (see `seq_len_divisor`)."""
+        return seq_len_divisor(self.layout, self.world_size)
 
     def position(self, rank: int) -> int:
         """Ring position (shard index) of a global rank."""
         return self._positions[rank]
 
-    def node_of_position(self, position: int) -> int:
-        return self.rank_to_node[self.ring_order[position]]
-
     def link_class(self, src_rank: int, dst_rank: int) -> str:
         """"intra" when both ranks share a node, else "inter"."""
         return "intra" if self.rank_to_node[src_rank] == self.rank_to_node[dst_rank] else "inter"
-
-    def chunks(self, position: int) -> tuple[int, ...]:
-        """Which chunks of the layout's split the position holds: contiguous, chunk p of W;
-        zigzag, chunks p and 2W-1-p of 2W; striped, tokens p, p+W, ... (chunk p of W residues)."""
-        if self.layout == "zigzag":
-            return (position, 2 * self.world_size - 1 - position)
-        return (position,)
 
     def edges(self) -> list[tuple[int, int, str, str]]:
         """Every send of one revolution's schedule as (src_rank, dst_rank, link_class, ring):
@@ -191,13 +202,9 @@ class RingPlan:
         return _ring_crossings(range(self.world_size), self.rank_to_node)
 
     # ---- bytes ------------------------------------------------------------------------
-    def check_seq_len(self, seq_len: int) -> int:
-        """Tokens per shard; ConfigError when the layout cannot split seq_len over W."""
-        div = self.seq_len_divisor
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1 or seq_len % div:
-            how = f"2 x world size {self.world_size} chunks" if self.layout == "zigzag" else f"world size {self.world_size} shards"
-            raise ConfigError("workload.seq_len", seq_len, f"a positive multiple of {div} ({self.layout} splits it in {how})")
-        return seq_len // self.world_size
+    def check_seq_len(self, seq_len: int, key: str = "workload.seq_len") -> int:
+        """Tokens per shard; ConfigError naming `key` when the layout cannot split seq_len."""
+        return check_seq_len(seq_len, self.layout, self.world_size, key)
 
     def predicted_bytes(
         self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype_bytes: int, phase: str
@@ -311,6 +318,23 @@ def make_plan(topology: Topology, layout: str = "zigzag", algorithm: str = "flat
         rank_to_node=topology.rank_to_node, nodes=topology.nodes, inner_size=inner,
         node_names=topology.node_names, topology=topology,
     )
+
+
+def plan_from_config(topology: Topology, topology_cfg: Any, workload_cfg: Any) -> tuple[RingPlan, Workload]:
+    """The RingPlan and Workload a job's `topology` and `workload` config nodes ask for on
+    `topology`, with the sequence checked against the layout.
+
+    The one place a config becomes a plan: `ringctl plan`, launch validation and every rank
+    of the job call it, so what validates is what runs and what `ringctl plan` shows."""
+    workload = Workload.from_config(workload_cfg)
+    plan = make_plan(
+        topology,
+        layout=setting(workload_cfg, "layout", "zigzag"),
+        algorithm=setting(topology_cfg, "ring", "flat"),
+        order=setting(topology_cfg, "order", "node"),
+    )
+    plan.check_seq_len(workload.seq_len)
+    return plan, workload
 
 
 def baseline_plan(plan: RingPlan) -> RingPlan:

@@ -10,11 +10,12 @@ is right whatever numbering SLURM chose.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ringctl.errors import ConfigError
+from ringctl.errors import ConfigError, check_positive_int
 
 DISTRIBUTIONS = ("block", "cyclic")
 LINKS = ("intra", "inter")
@@ -36,30 +37,20 @@ class LinkClass:
         if not _is_number(self.latency_us) or self.latency_us < 0:
             raise ConfigError(f"{key}.latency_us", self.latency_us, "a number >= 0 (microseconds)")
 
-    def transfer_time(self, nbytes: float, share: float = 1.0) -> float:
-        """Seconds to move `nbytes` when this flow gets `share` (0 < share <= 1) of one link."""
-        if nbytes <= 0:
-            return 0.0
-        return self.latency_us * 1e-6 + nbytes / (self.bandwidth_GBps * 1e9 * share)
-
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (NaN and infinities are not usable figures)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    """cfg[key] for mappings (DictConfig included) and attributes for dataclasses."""
+def setting(cfg: Any, key: str, default: Any) -> Any:
+    """cfg[key] for mappings (DictConfig included) and attributes for dataclasses; `default`
+    when the key is missing or null. How the planner reads config nodes, everywhere."""
     if isinstance(cfg, Mapping) or (hasattr(cfg, "get") and not hasattr(cfg, "__dataclass_fields__")):
         value = cfg.get(key, default)
     else:
         value = getattr(cfg, key, default)
     return default if value is None and default is not None else value
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "an integer >= 1")
-    return value
 
 
 @dataclass(frozen=True)
@@ -81,7 +72,7 @@ class Topology:
         if not counts:
             raise ConfigError("topology.nodes", 0, "an integer >= 1")
         for count in counts:
-            _positive_int("topology.ranks_per_node", count)
+            check_positive_int("topology.ranks_per_node", count)
         object.__setattr__(self, "ranks_per_node", counts)
         if not self.rank_to_node:
             object.__setattr__(self, "rank_to_node", tuple(n for n, c in enumerate(counts) for _ in range(c)))
@@ -90,7 +81,7 @@ class Topology:
             object.__setattr__(self, "node_names", tuple(f"node{n}" for n in range(len(counts))))
         if len(self.node_names) != len(counts):
             raise ConfigError("topology.node_names", list(self.node_names), f"one name per node ({len(counts)})")
-        _positive_int("topology.nics_per_node", self.nics_per_node)
+        check_positive_int("topology.nics_per_node", self.nics_per_node)
         if not _is_number(self.compute_tflops) or self.compute_tflops <= 0:
             raise ConfigError("topology.compute_tflops", self.compute_tflops, "a number > 0 (TFLOP/s per rank)")
         if self.intra.name != "intra" or self.inter.name != "inter":
@@ -143,12 +134,12 @@ class Topology:
         """From a TopologyConfig, a DictConfig or a plain mapping. Missing keys take the
         TopologyConfig defaults; rank placement follows `distribution` (SLURM's block or
         cyclic). `virtual_node_size` is a run-time matter (see `discover`) and is ignored."""
-        nodes = _get(cfg, "nodes", 1)
+        nodes = setting(cfg, "nodes", 1)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
             raise ConfigError("topology.nodes", nodes, "an integer >= 1")
-        per_node = _get(cfg, "ranks_per_node", 2)
+        per_node = setting(cfg, "ranks_per_node", 2)
         if isinstance(per_node, int) and not isinstance(per_node, bool):
-            counts = (_positive_int("topology.ranks_per_node", per_node),) * nodes
+            counts = (check_positive_int("topology.ranks_per_node", per_node),) * nodes
         elif hasattr(per_node, "__iter__") and not isinstance(per_node, (str, Mapping)):
             counts = tuple(per_node)  # a list, tuple or OmegaConf ListConfig
             if len(counts) != nodes:
@@ -157,20 +148,20 @@ class Topology:
                 )
         else:
             raise ConfigError("topology.ranks_per_node", per_node, "an integer >= 1, or a list with one per node")
-        distribution = _get(cfg, "distribution", "block")
+        distribution = setting(cfg, "distribution", "block")
         if distribution not in DISTRIBUTIONS:
             raise ConfigError("topology.distribution", distribution, " | ".join(DISTRIBUTIONS))
         for count in counts:
-            _positive_int("topology.ranks_per_node", count)
+            check_positive_int("topology.ranks_per_node", count)
         placement = place_ranks(counts, distribution)
         return cls(
             ranks_per_node=counts,
             intra=_link(cfg, "intra", 450.0, 2.0),
             inter=_link(cfg, "inter", 50.0, 5.0),
-            nics_per_node=_get(cfg, "nics_per_node", 1),
+            nics_per_node=setting(cfg, "nics_per_node", 1),
             rank_to_node=placement,
-            compute_tflops=_get(cfg, "compute_tflops", 400.0),
-            name=str(_get(cfg, "name", "custom")),
+            compute_tflops=setting(cfg, "compute_tflops", 400.0),
+            name=str(setting(cfg, "name", "custom")),
         )
 
     @classmethod
@@ -193,7 +184,7 @@ class Topology:
         if not names:
             raise ConfigError("node_names_by_rank", [], "one node name per rank (at least one rank)")
         if virtual_node_size is not None:
-            virtual_node_size = _positive_int("topology.virtual_node_size", virtual_node_size)
+            virtual_node_size = check_positive_int("topology.virtual_node_size", virtual_node_size)
             seen_on: dict[str, int] = {}
             keys = []
             for real in names:
@@ -221,10 +212,10 @@ class Topology:
 
 
 def _link(cfg: Any, key: str, bandwidth: float, latency: float) -> LinkClass:
-    sub = _get(cfg, key, None)
+    sub = setting(cfg, key, None)
     if sub is None:
         return LinkClass(key, bandwidth, latency)
-    return LinkClass(key, _get(sub, "bandwidth_GBps", bandwidth), _get(sub, "latency_us", latency))
+    return LinkClass(key, setting(sub, "bandwidth_GBps", bandwidth), setting(sub, "latency_us", latency))
 
 
 def place_ranks(counts: Sequence[int], distribution: str) -> tuple[int, ...]:

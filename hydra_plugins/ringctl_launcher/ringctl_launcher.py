@@ -5,6 +5,11 @@ composed and checked by ringctl.launch.validate first; one bad point stops the s
 before anything is submitted (exit 2). Then ringctl's Launcher submits every point in one
 submitit `executor.batch()`: one SLURM job array (local processes without SLURM). All
 points share one W&B group named after the sweep. A table maps each point to its job id.
+
+The outcome leaves through SystemExit (2: a bad point, nothing submitted; 1: a job failed):
+Hydra's Launcher API has no exit status of its own, and its FAILED JobReturn becomes Hydra's
+traceback with exit 1 for every cause alike. `ringctl launch` runs this through the public
+`hydra.main`, which passes SystemExit through unchanged (see ringctl/commands/launch.py).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ class RingctlLauncher(Launcher):
         self.hydra_context = hydra_context
         self.config = config
 
-    def compose_points(self, job_overrides: Sequence[Sequence[str]]) -> list[DictConfig]:
-        """Every point's config, validated; exits 2 (nothing submitted) if any is bad."""
+    def compose_points(self, job_overrides: Sequence[Sequence[str]]) -> list[tuple[DictConfig, Any]]:
+        """Every point's config with its validated Resources; exits 2 (nothing submitted)
+        if any is bad."""
         from ringctl.errors import ConfigError
         from ringctl.launch import validate
 
@@ -40,10 +46,9 @@ class RingctlLauncher(Launcher):
             with open_dict(cfg):
                 cfg.pop("hydra", None)
             try:
-                validate(cfg)
+                points.append((cfg, validate(cfg)))
             except ConfigError as exc:
                 errors.append(f"ringctl launch: point [{' '.join(_shown(overrides))}]: {exc}")
-            points.append(cfg)
         if errors:
             print("\n".join(errors), file=sys.stderr)
             raise SystemExit(2)
@@ -53,12 +58,13 @@ class RingctlLauncher(Launcher):
         from ringctl.launch import SubmissionError, make_launcher
 
         points = self.compose_points(job_overrides)
-        name = f"sweep-{points[0].get('name', 'ringctl')}"
+        first = points[0][0]
+        name = f"sweep-{first.get('name', 'ringctl')}"
         group = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        for cfg in points:
+        for cfg, _ in points:
             if not cfg.wandb.get("group"):
                 cfg.wandb.group = group  # one W&B group per sweep
-        launcher = make_launcher(points[0])
+        launcher = make_launcher(points[0][1], first.launcher.get("root"))
         shown = [tuple(_shown(o)) for o in job_overrides]
         try:
             jobs = launcher.submit(points, name=name, overrides=shown)
@@ -68,7 +74,7 @@ class RingctlLauncher(Launcher):
         _print_table(jobs, launcher.kind, group)
         code = 0
         if self.wait:
-            from ringctl.commands.launch import follow
+            from ringctl.jobs import follow
 
             code = follow(jobs)
         else:
@@ -80,7 +86,7 @@ class RingctlLauncher(Launcher):
                 overrides=list(o), cfg=cfg, hydra_cfg=self.config, working_dir=str(job.folder),
                 task_name=name, status=JobStatus.COMPLETED, _return_value=job.job_id,
             )
-            for o, cfg, job in zip(job_overrides, points, jobs)
+            for o, (cfg, _), job in zip(job_overrides, points, jobs)
         ]
 
 
@@ -98,7 +104,7 @@ def _varying(jobs: list[Any]) -> list[str]:
 def _print_table(jobs: list[Any], kind: str, name: str) -> None:
     from rich.table import Table
 
-    from ringctl.commands.launch import console
+    from ringctl.jobs import console
 
     arrays = sorted({j.job_id.split("_")[0] for j in jobs if "_" in j.job_id})
     if kind == "slurm" and arrays:  # several only when points differ in resources or sbatch options

@@ -1,9 +1,7 @@
 """`ringctl status [JOB|FOLDER]`, `ringctl logs JOB [--rank R] [--follow]`, `ringctl cancel JOB`.
 
-They work from any shell: a job is found through the index that `ringctl launch` keeps
-(<runs root>/index.jsonl: job id -> job folder; the root is $RINGCTL_RUNS or ./runs), or
-given directly as its folder; its state comes from SLURM (sacct through submitit) or, for
-local jobs, from the controller process and submitit's result files.
+The command-line face of ringctl.jobs (finding jobs, their state, summaries): a job id from
+the index `ringctl launch` keeps (the runs root is $RINGCTL_RUNS or ./runs), or a job folder.
 """
 
 from __future__ import annotations
@@ -11,71 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-CANCELLED_MARK = "ringctl_cancelled"  # written into a local job's folder by `ringctl cancel`
-
-
-@dataclass
-class JobRef:
-    """A job found on disk: its id, folder and backend."""
-
-    job_id: str
-    folder: Path
-    kind: str  # slurm | local
-    name: str = ""
-    overrides: tuple[str, ...] = ()
-
-    def submitit_job(self) -> Any:
-        import submitit
-
-        cls = submitit.SlurmJob if self.kind == "slurm" else submitit.LocalJob
-        return cls(folder=self.folder, job_id=self.job_id)
-
-    def task_outcome(self, task: int = 0) -> str | None:
-        """'success' | 'error' from submitit's result pickle, None while there is none."""
-        path = self.folder / f"{self.job_id}_{task}_result.pkl"
-        if not path.exists():
-            return None
-        try:
-            with open(path, "rb") as f:
-                return str(pickle.load(f)[0])
-        except (OSError, EOFError, pickle.UnpicklingError):
-            return None
-
-    def state(self) -> str:
-        """SLURM's state (sacct) or, locally: RUNNING / COMPLETED / FAILED / CANCELLED."""
-        outcome = self.task_outcome()
-        if self.kind == "slurm":
-            state = str(self.submitit_job().state)
-            if state.upper() in ("UNKNOWN", "", "RUNNING", "COMPLETING") and outcome is not None:
-                # sacct lags behind the result file rank 0 writes as it ends
-                return "COMPLETED" if outcome == "success" else "FAILED"
-            return state
-        if (self.folder / CANCELLED_MARK).exists():
-            return "CANCELLED"
-        if outcome is not None:
-            return "COMPLETED" if outcome == "success" else "FAILED"
-        return "RUNNING" if _alive(int(self.job_id)) else "FAILED"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (finished, parent not reaped yet) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
+from ringctl.jobs import CANCELLED_MARK, COLORS, JobRef, stage, summarise
+from ringctl.jobs import console as make_console
+from ringctl.jobs import find as find_job
 
 
 def _root() -> Path:
@@ -85,33 +26,11 @@ def _root() -> Path:
 
 
 def find(spec: str) -> JobRef:
-    """A job id from the index, or a job folder (absolute or relative path)."""
-    from ringctl.launch import read_index
-
-    for entry in reversed(read_index(_root())):
-        if entry["job_id"] == spec:
-            return JobRef(entry["job_id"], Path(entry["folder"]), entry["kind"], entry.get("name", ""), tuple(entry.get("overrides", ())))
-    path = Path(spec)
-    if path.is_dir():
-        submitted = sorted(path.glob("*_submitted.pkl"))
-        if submitted:
-            job_id = submitted[0].name[: -len("_submitted.pkl")]
-            kind = "slurm" if list(path.glob("*_submission.sh")) or not job_id.isdigit() else "local"
-            for entry in read_index(_root()):
-                if Path(entry["folder"]).resolve() == path.resolve():
-                    kind = entry["kind"]
-            return JobRef(job_id, path.resolve(), kind)
-    raise LookupError(
-        f"job {spec!r} not found: not a job id in {_root() / 'index.jsonl'} nor a job folder "
-        "(set RINGCTL_RUNS to the runs root `ringctl launch` used)"
-    )
-
+    return find_job(spec, _root())
 
 def status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ringctl.commands.launch import COLORS, stage
-    from ringctl.commands.launch import console as make_console
     from ringctl.launch import read_index
 
     console = make_console()
@@ -123,8 +42,6 @@ def status(args: argparse.Namespace) -> int:
         console.print(f"folder: {ref.folder}")
         results = ref.folder / "results.json"
         if results.exists() and name == "done":
-            from ringctl.commands.launch import summarise
-
             summarise(json.loads(results.read_text()), results, console)
         return 0
     entries = read_index(_root())[-args.last:]
@@ -148,8 +65,6 @@ def status(args: argparse.Namespace) -> int:
 
 def logs(args: argparse.Namespace) -> int:
     """One rank's stdout and stderr; --follow keeps printing until the job ends."""
-    from ringctl.commands.launch import stage
-
     ref = find(args.job)
     paths = [ref.folder / f"{ref.job_id}_{args.rank}_log.out", ref.folder / f"{ref.job_id}_{args.rank}_log.err"]
     offsets = {p: 0 for p in paths}

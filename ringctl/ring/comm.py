@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-PHASES = ("forward", "backward")
-LINK_CLASSES = ("intra", "inter")
+from ringctl.plan import PHASES
+from ringctl.topology import LINKS as LINK_CLASSES
 
 _SENT: defaultdict[tuple[str, str], int] = defaultdict(int)
 

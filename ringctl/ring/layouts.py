@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-LAYOUTS = ("contiguous", "zigzag", "striped")
+from ringctl.plan import LAYOUTS, seq_len_divisor
+
+__all__ = ["LAYOUTS", "check_layout", "seq_len_divisor", "shard_sequence", "token_positions", "unshard_sequence"]
 
 
 def check_layout(layout: object, argument: str = "layout") -> str:
@@ -24,12 +26,6 @@ def check_layout(layout: object, argument: str = "layout") -> str:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"{argument}={layout!r} is not a layout; allowed: {', '.join(LAYOUTS)}")
     return layout
-
-
-def seq_len_divisor(layout: str, world_size: int) -> int:
-    """The global sequence length must be a multiple of this for ``layout`` over ``world_size``."""
-    check_layout(layout)
-    return 2 * world_size if layout == "zigzag" else world_size
 
 
 def check_world_size(world_size: object, argument: str = "world_size") -> int:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-ALGORITHMS = ("flat", "hierarchical")
+from ringctl.plan import ALGORITHMS
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-PHASES = ("forward", "backward")
+from ringctl.plan import PHASES
+from ringctl.topology import LINKS
 
 
 def full_inputs(w: Any, seq_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -106,7 +107,7 @@ def link_bytes(ctx: Any) -> dict[str, Any]:
     fwd_bwd(ctx, q, k, v, dout)
     stats = comm_stats()
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    mine = {p: {link: _per_rank(stats, p, link) for link in ("intra", "inter")} for p in PHASES}
+    mine = {p: {link: _per_rank(stats, p, link) for link in LINKS} for p in PHASES}
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine, group=ctx.group)
     out: dict[str, Any] = {}
