@@ -50,7 +50,7 @@ class Metrics:
         from ringctl.report import plan_png
 
         path = self.folder / "plan.png"
-        plan_png(plan, path, topology=topology, workload=Workload.from_config(workload_cfg))
+        plan_png(plan, path, workload=Workload.from_config(workload_cfg))
         self.run.log({"plan": wandb.Image(str(path))}, step=0)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -20,7 +20,7 @@ NICs. Everything is O(W).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ringctl.errors import ConfigError, check_positive_int
@@ -29,8 +29,10 @@ from ringctl.topology import LINKS, LinkClass, Topology, setting
 # The names below are defined here once and imported everywhere else (config, launch, the
 # runtime in ring/, benchmarks); this module has no torch import, so anything may use them.
 
-#: ring algorithms (topology.ring): one flat ring, or LoongTrain's double ring
+#: ring algorithms: one flat ring, or LoongTrain's double ring
 ALGORITHMS = ("flat", "hierarchical")
+#: what topology.ring may say: an algorithm, or `auto` (the cost model's faster one)
+RING_CHOICES = ("auto", *ALGORITHMS)
 #: ring order of a flat ring: node-contiguous (topology-aware) or rank order (the baseline)
 ORDERS = ("node", "rank")
 #: sequence layouts (workload.layout): which global tokens each ring position holds
@@ -120,6 +122,8 @@ class RingPlan:
     inner_size: int
     node_names: tuple[str, ...] = ()
     topology: Topology | None = field(default=None, repr=False, compare=False)
+    #: what was asked for: the algorithm itself, or "auto" when the cost model chose it
+    requested: str = field(default="", compare=False)
     _positions: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -254,6 +258,7 @@ class RingPlan:
         workload, also bytes and the cost model's predictions (needs `topology`)."""
         out: dict[str, Any] = {
             "ring": self.algorithm,
+            "ring_requested": self.requested or self.algorithm,
             "layout": self.layout,
             "world_size": self.world_size,
             "nodes": self.nodes,
@@ -269,6 +274,15 @@ class RingPlan:
         if workload is not None:
             out.update(estimate(self, workload).to_dict())
             out["baseline"] = estimate(baseline_plan(self), workload).to_dict()
+            out["alternatives"] = {
+                name: {
+                    "cross_node_hops": alt.cross_node_hops,
+                    **{k: v for k, v in estimate(alt, workload).to_dict().items() if k.startswith("predicted_") or k == "overlap_ok"},
+                    "overlap_from_seq_len": overlap_seq_len(alt, workload),
+                }
+                for name, alt in alternatives(self, workload).items()
+            }
+            out["overlap_from_seq_len"] = overlap_seq_len(self, workload)
         return out
 
 
@@ -287,16 +301,42 @@ def _counts(rank_to_node: tuple[int, ...], nodes: int) -> list[int]:
     return counts
 
 
-def make_plan(topology: Topology, layout: str = "zigzag", algorithm: str = "flat", *, order: str = "node") -> RingPlan:
+def make_plan(
+    topology: Topology,
+    layout: str = "zigzag",
+    algorithm: str = "flat",
+    *,
+    order: str = "node",
+    workload: Workload | None = None,
+) -> RingPlan:
     """The plan for `topology`. order="node" (default): node-contiguous ring order;
     order="rank": the rank-order ring 0..W-1 (the topology-blind baseline; flat only), so
-    the baseline can run as a real job (`topology.order=rank`)."""
-    if algorithm not in ALGORITHMS:
-        raise ConfigError("topology.ring", algorithm, " | ".join(ALGORITHMS))
+    the baseline can run as a real job (`topology.order=rank`). algorithm="auto": the
+    algorithm the cost model predicts fastest for `workload` (the default Workload when
+    none is given), among those the topology allows."""
+    if algorithm not in RING_CHOICES:
+        raise ConfigError("topology.ring", algorithm, " | ".join(RING_CHOICES))
     if layout not in LAYOUTS:
         raise ConfigError("workload.layout", layout, " | ".join(LAYOUTS))
     if order not in ORDERS:
         raise ConfigError("topology.order", order, " | ".join(ORDERS))
+    if algorithm == "auto":
+        candidates = [_build(topology, layout, a, order) for a in _feasible(topology, order)]
+        priced = workload or Workload()
+        best = min(candidates, key=lambda p: estimate(p, priced).total_s)  # ties: flat (first)
+        return replace(best, requested="auto")
+    return _build(topology, layout, algorithm, order)
+
+
+def _feasible(topology: Topology, order: str) -> tuple[str, ...]:
+    """Algorithms that can run on `topology`: hierarchical needs even nodes, several of
+    them, and the node-contiguous order (with one node it is the flat ring)."""
+    if order == "node" and topology.is_even and topology.nodes > 1:
+        return ALGORITHMS
+    return ("flat",)
+
+
+def _build(topology: Topology, layout: str, algorithm: str, order: str) -> RingPlan:
     world = topology.world_size
     if order == "rank":
         if algorithm != "flat":
@@ -310,14 +350,32 @@ def make_plan(topology: Topology, layout: str = "zigzag", algorithm: str = "flat
             shown = ",".join(map(str, topology.ranks_per_node[:8])) + ("..." if topology.nodes > 8 else "")
             raise ConfigError(
                 "topology.ring", "hierarchical",
-                f"flat for uneven nodes (ranks per node {shown}; hierarchical needs the same count on every node)",
+                f"flat or auto for uneven nodes (ranks per node {shown}; hierarchical needs the same count on every node)",
             )
         inner = topology.ranks_per_node[0]
     return RingPlan(
         algorithm=algorithm, layout=layout, world_size=world, ring_order=ring_order,
         rank_to_node=topology.rank_to_node, nodes=topology.nodes, inner_size=inner,
-        node_names=topology.node_names, topology=topology,
+        node_names=topology.node_names, topology=topology, requested=algorithm,
     )
+
+
+def alternatives(plan: RingPlan, workload: Workload) -> dict[str, RingPlan]:
+    """The plans `ringctl plan` shows side by side on the plan's topology and layout: every
+    feasible algorithm in node order, and the rank-order ring (the topology-blind baseline)."""
+    topo = _topology_of(plan)
+    out = {a: _build(topo, plan.layout, a, "node") for a in _feasible(topo, "node")}
+    out["rank-order"] = baseline_plan(plan)
+    return out
+
+
+def overlap_seq_len(plan: RingPlan, workload: Workload) -> int:
+    """The shortest global sequence (a multiple of the layout's divisor) from which every
+    hop of `plan` hides behind its block's compute: below it the ring is transfer-bound."""
+    cost = estimate(plan, workload)
+    need = max((n for phase in cost.min_block_tokens.values() for n in phase.values()), default=0)
+    div = plan.seq_len_divisor
+    return max(div, math.ceil(need * plan.world_size / div) * div)
 
 
 def plan_from_config(topology: Topology, topology_cfg: Any, workload_cfg: Any) -> tuple[RingPlan, Workload]:
@@ -330,8 +388,9 @@ def plan_from_config(topology: Topology, topology_cfg: Any, workload_cfg: Any) -
     plan = make_plan(
         topology,
         layout=setting(workload_cfg, "layout", "zigzag"),
-        algorithm=setting(topology_cfg, "ring", "flat"),
+        algorithm=setting(topology_cfg, "ring", "auto"),
         order=setting(topology_cfg, "order", "node"),
+        workload=workload,
     )
     plan.check_seq_len(workload.seq_len)
     return plan, workload
@@ -339,7 +398,7 @@ def plan_from_config(topology: Topology, topology_cfg: Any, workload_cfg: Any) -
 
 def baseline_plan(plan: RingPlan) -> RingPlan:
     """The rank-order flat ring on the same topology and layout (what a topology-blind ring runs)."""
-    return make_plan(_topology_of(plan), layout=plan.layout, algorithm="flat", order="rank")
+    return _build(_topology_of(plan), plan.layout, "flat", "rank")
 
 
 def _topology_of(plan: RingPlan) -> Topology:

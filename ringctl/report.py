@@ -1,5 +1,6 @@
-"""Human views of a RingPlan: a rich table (plan vs the rank-order baseline) and a PNG of
-the ring drawn on the nodes, cross-node hops in another colour (no torch import).
+"""Human views of a RingPlan: a rich table (flat, hierarchical and the rank-order baseline
+side by side) and a PNG of the ring drawn on the nodes, cross-node hops in another colour,
+the outer ring as one labelled lane per node pair (no torch import).
 
 matplotlib is used through its object API on the Agg canvas, so drawing never touches the
 global backend of a job that imports this module.
@@ -11,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ringctl.plan import RingPlan, Workload, baseline_plan, estimate
+from ringctl.plan import RingPlan, Workload, alternatives, estimate, overlap_seq_len
 from ringctl.topology import Topology
 
 #: colours of the link classes in the picture and the table
@@ -66,33 +67,39 @@ def _runs_text(plan: RingPlan, runs: list[list[int]], max_ranks: int) -> str:
 
 
 def plan_table(plan: RingPlan, workload: Workload) -> Any:
-    """A rich Table: the plan's figures beside the rank-order ring's (the baseline)."""
+    """A rich Table: flat, hierarchical (where the topology allows it) and the rank-order
+    ring (the topology-blind baseline) side by side; the plan's own column is marked."""
     from rich.table import Table
 
-    base = baseline_plan(plan)
-    cost, base_cost = estimate(plan, workload), estimate(base, workload)
-    table = Table(title=f"RingPlan: {plan.algorithm} ring, {plan.layout} layout", title_justify="left")
+    plans = alternatives(plan, workload)
+    mine = next((name for name, alt in plans.items() if alt == plan), None)
+    if mine is None:  # the plan is the rank-order ring itself (topology.order=rank)
+        mine = "rank-order"
+    costs = {name: estimate(alt, workload) for name, alt in plans.items()}
+    how = " (chosen by topology.ring=auto)" if plan.requested == "auto" else ""
+    table = Table(title=f"RingPlan: {plan.algorithm} ring{how}, {plan.layout} layout", title_justify="left")
     table.add_column("")
-    table.add_column(f"plan ({plan.algorithm})")
-    table.add_column("rank-order ring (baseline)")
-    table.add_row("ring order by node", ring_order_by_node(plan), ring_order_by_node(base))
-    table.add_row("cross-node hops / revolution", str(plan.cross_node_hops), str(plan.baseline_cross_node_hops))
+    for name in plans:
+        label = f"{name} ring" if name != "rank-order" else "rank-order ring (baseline)"
+        table.add_column(f"[bold]{label} <- plan[/]" if name == mine else label)
+
+    def row(label: str, cell: Any) -> None:
+        table.add_row(label, *(cell(name, plans[name], costs[name]) for name in plans))
+
+    row("ring order by node", lambda n, p, c: ring_order_by_node(p))
+    row("cross-node hops / revolution", lambda n, p, c: str(p.cross_node_hops))
     for link in ("intra", "inter"):
         color = COLORS[link]
-        table.add_row(
-            f"[{color}]bytes / step, {link}[/]",
-            human_bytes(cost.bytes_per_step[link]), human_bytes(base_cost.bytes_per_step[link]),
-        )
-        table.add_row(
-            f"[{color}]transfer / hop, {link}[/]",
-            human_time(cost.transfer_s[link]), human_time(base_cost.transfer_s[link]),
-        )
-    table.add_row("inter flows per NIC", f"{cost.inter_flows_per_nic:g}", f"{base_cost.inter_flows_per_nic:g}")
-    table.add_row("compute / block (fwd)", human_time(cost.compute_s["forward"]), human_time(base_cost.compute_s["forward"]))
-    table.add_row("step time (fwd, steady)", human_time(cost.step_time_s), human_time(base_cost.step_time_s))
-    table.add_row("forward + backward", human_time(cost.total_s), human_time(base_cost.total_s))
-    table.add_row("overlap: block tokens / needed", _needed(cost), _needed(base_cost))
-    table.add_row("overlap verdict", _verdict(cost.overlap_ok), _verdict(base_cost.overlap_ok))
+        row(f"[{color}]bytes / step, {link}[/]", lambda n, p, c, link=link: human_bytes(c.bytes_per_step[link]))
+        row(f"[{color}]transfer / hop, {link}[/]", lambda n, p, c, link=link: human_time(c.transfer_s[link]))
+    row("inter flows per NIC", lambda n, p, c: f"{c.inter_flows_per_nic:g}")
+    row("compute / block (fwd)", lambda n, p, c: human_time(c.compute_s["forward"]))
+    row("step time (fwd, steady)", lambda n, p, c: human_time(c.step_time_s))
+    fastest = min(c.total_s for c in costs.values())
+    row("forward + backward", lambda n, p, c: human_time(c.total_s) + (" [green](fastest)[/]" if c.total_s == fastest else ""))
+    row("overlap: block tokens / needed", lambda n, p, c: _needed(c))
+    row("transfer hidden from seq_len", lambda n, p, c: f"{overlap_seq_len(p, workload):,}")
+    row("overlap verdict", lambda n, p, c: _verdict(c.overlap_ok))
     return table
 
 
@@ -151,12 +158,38 @@ def _layout(plan: RingPlan, nodes: int) -> tuple[dict[int, tuple[float, float]],
     return where, centres
 
 
-def plan_png(
-    plan: RingPlan, path: str | Path, topology: Topology | None = None, workload: Workload | None = None
-) -> Path:
+def _draw_lanes(ax: Any, lanes: dict[tuple[int, int], int], centres: list[tuple[float, float, float]], plan: RingPlan) -> None:
+    """Cross-node traffic as one thick arrow per (src node, dst node) lane between the node
+    circles, labelled with how many flows it carries at once (a hierarchical ring's outer
+    step: every rank of the node; a flat ring: the edges that cross there)."""
+    for (a, b), flows in sorted(lanes.items()):
+        if a >= len(centres) or b >= len(centres):
+            continue
+        (ax_, ay, ar), (bx, by, br) = centres[a], centres[b]
+        dx, dy = bx - ax_, by - ay
+        dist = math.hypot(dx, dy) or 1.0
+        ux, uy = dx / dist, dy / dist
+        # two nodes exchanging both ways: offset each direction to its own side
+        nx, ny = -uy * 0.06, ux * 0.06
+        start = (ax_ + ux * ar + nx, ay + uy * ar + ny)
+        end = (bx - ux * br + nx, by - uy * br + ny)
+        ax.annotate(
+            "", xy=end, xytext=start,
+            arrowprops=dict(arrowstyle="-|>,head_width=0.5,head_length=0.8", color=COLORS["inter"],
+                            lw=min(6.0, 1.5 + flows ** 0.5), shrinkA=2, shrinkB=2, alpha=0.85),
+        )
+        mx, my = (start[0] + end[0]) / 2 + nx * 1.5, (start[1] + end[1]) / 2 + ny * 1.5
+        label = f"{flows} flow{'s' if flows > 1 else ''}"
+        if plan.algorithm == "hierarchical":
+            label = f"outer ring: {label}"
+        side = "center" if abs(nx) < 1e-9 else ("left" if nx > 0 else "right")  # beside its own arrow
+        ax.text(mx, my, label, fontsize=8, color=COLORS["inter"], ha=side, va="center",
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+
+
+def plan_png(plan: RingPlan, path: str | Path, workload: Workload | None = None) -> Path:
     """Draw the ring on the nodes and save a PNG at `path`: ranks as dots inside node
-    circles, each send of the schedule as an arrow, cross-node (inter) hops in red.
-    `topology` is accepted for callers that hold one; the plan carries its own. With a
+    circles, each intra-node send as an arrow, cross-node traffic as labelled lanes. With a
     `workload` the title adds the predicted step time and the overlap verdict."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -178,21 +211,22 @@ def plan_png(
         ax.text(cx + ux * (r + 0.09), cy + uy * (r + 0.09), plan.node_names[n], ha="center", va="center",
                 fontsize=9, weight="bold")
     small = len(where) > 48
-    rad = 0.22
-    for src, dst, link, ring in plan.edges():
+    lanes: dict[tuple[int, int], int] = {}  # (src node, dst node) -> parallel cross-node flows
+    for src, dst, link, _ring in plan.edges():
+        if link == "inter":
+            pair = (plan.rank_to_node[src], plan.rank_to_node[dst])
+            lanes[pair] = lanes.get(pair, 0) + 1
+            continue
         if src not in where or dst not in where:
             continue
-        if ring == "outer" and small and plan.position(src) % plan.inner_size:
-            continue  # big plans: only lane 0 of the outer ring (every lane moves at once)
-        style = "-" if ring != "outer" else (0, (4, 2))
         ax.annotate(
             "", xy=where[dst], xytext=where[src],
             arrowprops=dict(
-                arrowstyle="-|>", color=COLORS[link], lw=0.8 if small else 1.4, linestyle=style,
-                shrinkA=6, shrinkB=6, connectionstyle=f"arc3,rad={rad if link == 'inter' else 0.15}",
-                alpha=0.55 if ring == "outer" else 0.9,
+                arrowstyle="-|>", color=COLORS[link], lw=0.8 if small else 1.4,
+                shrinkA=6, shrinkB=6, connectionstyle="arc3,rad=0.15", alpha=0.9,
             ),
         )
+    _draw_lanes(ax, lanes, centres, plan)
     size = 60 if small else 240
     xs, ys = zip(*where.values()) if where else ((), ())
     ax.scatter(xs, ys, s=size, c="white", edgecolors="black", zorder=3)
@@ -205,7 +239,7 @@ def plan_png(
     ax.legend(
         handles=[
             Line2D([], [], color=COLORS["intra"], lw=2, label="intra-node hop"),
-            Line2D([], [], color=COLORS["inter"], lw=2, label="cross-node hop"),
+            Line2D([], [], color=COLORS["inter"], lw=3, label="cross-node lane (flows at once)"),
         ],
         loc="lower right", fontsize=8, frameon=False,
     )
@@ -227,8 +261,8 @@ def plan_png(
         per_node[node] += 1
     if max(per_node) > MAX_RANKS:
         notes.append(f"at most {MAX_RANKS} ranks per node drawn")
-    if plan.algorithm == "hierarchical":
-        notes.append("dashed: outer ring" + (" (lane 0 drawn; all lanes send at once)" if small else ""))
+    if lanes:
+        notes.append("red lanes: cross-node traffic, one arrow per node pair, labelled with its parallel flows")
     if notes:
         ax.text(-lim, -lim, "; ".join(notes), fontsize=8, va="bottom", color="#444444")
     fig.savefig(path, format="png")
