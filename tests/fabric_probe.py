@@ -4,7 +4,7 @@
 
 Every task binds to the address of its NIC (GLOO_SOCKET_IFNAME, which the fabric's
 TaskProlog sets per local rank, as gloo would) and first times a transfer to itself: the
-namespace's loopback. Then tasks on the first node serve and tasks on the second node send
+namespace's loopback (the record names the device the kernel routes it through). Then tasks on the first node serve and tasks on the second node send
 to the server with the same local rank (same rail), all rails at once, and the server
 sends the same amount back (both directions are throttled); the server's
 address travels through SHARED_DIR (every node shares this machine's file system).
@@ -30,6 +30,12 @@ def nic_address(ifname: str) -> str:
         ["ip", "-o", "-4", "addr", "show", "dev", ifname], check=True, capture_output=True, text=True
     ).stdout.split()
     return out[out.index("inet") + 1].split("/")[0]
+
+
+def route_device(addr: str) -> str:
+    """The device this namespace routes packets to addr through ("lo" for its own address)."""
+    out = subprocess.run(["ip", "-o", "route", "get", addr], check=True, capture_output=True, text=True).stdout.split()
+    return out[out.index("dev") + 1]
 
 
 def read_exactly(sock: socket.socket, nbytes: int) -> None:
@@ -114,7 +120,7 @@ def main() -> None:
     record: dict[str, object] = {
         "node": os.environ["SLURMD_NODENAME"], "node_id": node_id, "local": local,
         "ifname": ifname, "addr": addr, "netns": os.readlink("/proc/self/ns/net"),
-        "loop_MBps": nbytes / loopback_seconds(addr, nbytes) / 1e6,
+        "loop_dev": route_device(addr), "loop_MBps": nbytes / loopback_seconds(addr, nbytes) / 1e6,
     }
     rendezvous = args.dir / f"server-{local}"
     if node_id == 0:

@@ -2,7 +2,7 @@
 # Runs the whole suite with the project's venv. pytest's exit code 5 ("no tests collected")
 # is a failure here, never a silent pass.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -155,7 +155,15 @@ def test_failing_workload_surfaces_traceback(cli: Cli) -> None:
     assert "rank1 failed first" in done.stderr
     assert "Traceback (most recent call last)" in done.stderr
     assert 'raise ValueError("user code exploded on rank 1")' in done.stderr
+    assert "ValueError: user code exploded on rank 1" in done.stderr
     job_id = cli.index()[-1]["job_id"]
     assert cli.final_state(job_id) == "FAILED"
-    results = json.loads((Path(cli.index()[-1]["folder"]) / "results.json").read_text())
-    assert "ValueError" in results["error"] or "rank" in results["error"]
+    folder = Path(cli.index()[-1]["folder"])
+    # the root cause: rank 1's own traceback ends in the exception the workload raised
+    root_cause = (folder / "rank1.error").read_text().rstrip().splitlines()
+    assert root_cause[0] == "Traceback (most recent call last):"
+    assert root_cause[-1] == "ValueError: user code exploded on rank 1"
+    # results.json is rank 0's: its own error, gloo's "Connection closed (or reset) by peer"
+    error = json.loads((folder / "results.json").read_text())["error"].rstrip().splitlines()
+    assert error[0] == "Traceback (most recent call last):"
+    assert error[-1].startswith("RuntimeError: ") and " by peer " in error[-1], error[-1]
