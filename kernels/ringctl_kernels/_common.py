@@ -90,7 +90,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     if q.dtype == torch.float64:
         raise ValueError(
             "dtype float64 is not supported by the Triton kernels (allowed: float16, bfloat16, "
-            "float32); ringctl.ring.block runs float64 through its torch reference"
+            "float32); ringctl.ring.block sends float64 to its torch path unless "
+            "RINGCTL_BLOCK_IMPL=triton forces the kernels: unset it for float64"
         )
     if q.dtype not in DTYPES:
         raise ValueError(f"q.dtype {q.dtype} not supported; allowed: float16, bfloat16, float32")
