@@ -5,6 +5,8 @@
     ringctl status [JOB|FOLDER]
     ringctl logs   JOB [--rank R] [--follow]
     ringctl cancel JOB
+    ringctl calibrate +topology=2node [overrides] [--out PATH]
+    ringctl metrics JOB [--json]
 
 `plan` and `launch` compose `conf/` with Hydra; the others read submitit's job
 folders and work from any shell. Nothing imports this module.
@@ -12,6 +14,7 @@ folders and work from any shell. Nothing imports this module.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 
@@ -22,6 +25,8 @@ COMMANDS = {
     "status": "jobs",
     "logs": "jobs",
     "cancel": "jobs",
+    "calibrate": "calibrate",
+    "metrics": "metrics",
 }
 
 
@@ -31,6 +36,8 @@ def _usage() -> str:
         "  ringctl plan +topology=2node [--json]     show the RingPlan (table, PNG, JSON)\n"
         "  ringctl launch +topology=2node            run the job (SLURM, or local processes)\n"
         "  ringctl status|logs|cancel JOB            job control from any shell\n"
+        "  ringctl calibrate +topology=2node         measure your nodes, write a topology YAML\n"
+        "  ringctl metrics JOB [--json]              a job's W&B history and summary\n"
         "Add --help after a subcommand for its options."
     )
 
@@ -45,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ringctl: unknown command {command!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = import_module(f"ringctl.commands.{COMMANDS[command]}")
-    return int(module.main(command, rest) or 0)
+    try:
+        return int(module.main(command, rest) or 0)
+    except BrokenPipeError:  # `ringctl ... | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
+        return 0
 
 
 if __name__ == "__main__":

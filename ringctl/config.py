@@ -1,182 +1,321 @@
-"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore, YAML values.
 
-Defaults live in the YAML files under conf/ (each group's files extend the schema
-registered here as `<group>/schema`); these dataclasses give types and validation.
-Only the CLI and the launcher read these objects: the runtime takes a RingPlan and
-tensors, never config.
+One rule for defaults: the schemas here give every key its type and no value (MISSING);
+the values live in the YAML files under conf/, where users read them. The root schema
+`RingctlConfig` types every group before any option is chosen, so `topology.nodes=x`
+fails as a wrong type even without `+topology=`. Entries whose names start with `_`
+(`workload/_train`, `topology/_h100`, `launcher/_base`) are bases that options extend;
+they are not offered as choices. Only the CLI and the launcher read these objects: the
+runtime takes a RingPlan and tensors, never config.
+
+conf/ ships inside the package as `ringctl.conf` (pyproject maps that package onto the
+repository's conf/ directory), so a wheel composes like a clone. A user's own directory
+(`--config-dir DIR` or RINGCTL_CONFIG_DIR) joins the search path after it: DIR/topology/
+mycluster.yaml is then `+topology=mycluster`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ringctl.errors import ConfigError
 
-#: the conf/ directory at the repository root (the package is installed editable)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: the package that holds conf/ (see [tool.setuptools.package-dir] in pyproject.toml)
+CONF_PACKAGE = "ringctl.conf"
+#: conf/ as Hydra's `config_path` (for `hydra.main`) and the primary config's name
+CONF_PATH = f"pkg://{CONF_PACKAGE}"
+CONFIG_NAME = "config"
+#: where the packaged YAML lies on disk: the clone's conf/ when installed editable,
+#: site-packages/ringctl/conf from a wheel (for tools and tests that read the files)
+CONF_DIR = Path(str(resources.files(CONF_PACKAGE)))
+#: a user's config directory when --config-dir is not given
+CONFIG_DIR_ENV = "RINGCTL_CONFIG_DIR"
 
 
 @dataclass
 class LinkConfig:
     """One link class of the fabric. Bandwidth is GB/s in one direction, per link (per NIC)."""
 
-    bandwidth_GBps: float = 450.0
-    latency_us: float = 2.0
+    bandwidth_GBps: float = MISSING
+    latency_us: float = MISSING
 
 
 @dataclass
 class TopologyConfig:
     """The machine the job runs on, as the planner sees it (see ringctl/topology.py)."""
 
-    name: str = "local"
-    nodes: int = 1
-    # int for even nodes, or a list with one entry per node for uneven ones
-    ranks_per_node: Any = 2
-    gpus_per_node: int = 0
-    nics_per_node: int = 1
+    name: str = MISSING
+    nodes: int = MISSING
+    # an int (every node) or a list with one int per node (uneven nodes). OmegaConf 2.3
+    # types no union but `X | None`, and `list[int]` would reject the common `8`; so this
+    # one key stays untyped here and Topology.from_config checks it (key, value, allowed).
+    ranks_per_node: Any = MISSING
+    gpus_per_node: int = MISSING
+    nics_per_node: int = MISSING
     intra: LinkConfig = field(default_factory=LinkConfig)
-    inter: LinkConfig = field(default_factory=lambda: LinkConfig(bandwidth_GBps=50.0, latency_us=5.0))
-    ring: str = "flat"  # flat | hierarchical
-    # node: node-contiguous ring order (topology-aware); rank: ring 0..W-1 (baseline, flat only)
-    order: str = "node"
-    distribution: str = "block"  # block | cyclic: how SLURM places ranks on nodes
-    # ranks per virtual node when one machine stands in for several nodes (null = real hostnames)
-    virtual_node_size: Any = None
-    compute_tflops: float = 400.0  # attention FLOP rate per rank for the cost model
-
-
-cs = ConfigStore.instance()
-cs.store(group="topology", name="schema", node=TopologyConfig)
+    inter: LinkConfig = field(default_factory=LinkConfig)
+    ring: str = MISSING
+    order: str = MISSING
+    distribution: str = MISSING
+    virtual_node_size: int | None = MISSING
+    compute_tflops: float = MISSING
 
 
 @dataclass
 class LauncherConfig:
     """Where and how the job runs. `kind`: auto (slurm when `sbatch` is on PATH) | slurm | local."""
 
-    kind: str = "auto"
-    # ranks per node actually started: the topology's ranks_per_node capped by this
-    # (the local default and the dev cluster run a few CPU ranks per node, not 8 GPUs)
-    max_ranks_per_node: Any = None
-    # the cap when the job runs as local processes and max_ranks_per_node is null
-    # (launcher=auto on a machine without SLURM): ranks per virtual node
-    local_ranks_per_node: int = 2
-    # GPUs per node (--gpus-per-node); null: one per rank when the topology has GPUs
-    gpus_per_node: Any = None
-    cpus_per_task: int = 1
-    time_min: int = 10
-    partition: Any = None
-    account: Any = None
-    qos: Any = None
-    constraint: Any = None
-    exclusive: bool = False
-    # extra sbatch options, name -> value (validated: known to submitit, no newlines)
-    additional: dict[str, Any] = field(default_factory=dict)
-    # shell lines run before the job (module load ..., source env)
-    setup: list[str] = field(default_factory=list)
-    # where job folders and the job index live
-    root: str = "runs"
-    # torch.distributed init timeout (a missing peer fails fast instead of hanging)
-    init_timeout_s: int = 120
+    kind: str = MISSING
+    max_ranks_per_node: int | None = MISSING
+    local_ranks_per_node: int = MISSING
+    gpus_per_node: int | None = MISSING
+    # CPUs (threads) per rank; null: SLURM 8 per GPU rank else 1, locally cores / local ranks
+    cpus_per_task: int | None = None
+    time_min: int = MISSING
+    partition: str | None = MISSING
+    account: str | None = MISSING
+    qos: str | None = MISSING
+    constraint: str | None = MISSING
+    exclusive: bool = MISSING
+    # sbatch option -> value: a string, a number, or true for a flag without a value
+    additional: dict[str, Any] = MISSING
+    setup: list[str] = MISSING
+    root: str = MISSING
+    init_timeout_s: int = MISSING
+    # sweeps: at most N array tasks running at once (sbatch --array=0-K%N); null: submitit's 256
+    array_parallelism: int | None = MISSING
+    # how each SLURM task starts python; null: this interpreter, or python3 in a container
+    python: str | None = MISSING
+    # a pyxis/enroot image every task runs in (srun --container-image); null: no container
+    container_image: str | None = MISSING
+    # SRC:DST[:FLAGS] mounts into it (srun --container-mounts); the runs root is always added
+    container_mounts: list[str] = MISSING
 
 
 @dataclass
 class WorkloadConfig:
     """What every rank runs. Shapes are global: seq_len is the whole sequence."""
 
-    name: str = "attention"
-    batch: int = 1
-    seq_len: int = 1024
-    heads: int = 8
-    kv_heads: int = 8
-    head_dim: int = 64
-    dtype: str = "float32"  # float64 | float32 | bfloat16 | float16
-    layout: str = "zigzag"  # contiguous | zigzag | striped
-    causal: bool = True
-    seed: int = 0
+    name: str = MISSING
+    batch: int = MISSING
+    seq_len: int = MISSING
+    heads: int = MISSING
+    kv_heads: int = MISSING
+    head_dim: int = MISSING
+    dtype: str = MISSING
+    layout: str = MISSING
+    causal: bool = MISSING
+    seed: int = MISSING
 
 
 @dataclass
 class AttentionConfig(WorkloadConfig):
     """ring_attention fwd+bwd timing, plus an exactness check against SDPA in float64."""
 
-    warmup: int = 1
-    iters: int = 3
-    check: bool = True
-    # the float64 exactness check runs at this sequence length (rank 0 gathers it all)
-    check_seq_len: int = 256
-    check_tol: float = 1e-9
+    warmup: int = MISSING
+    iters: int = MISSING
+    check: bool = MISSING
+    check_seq_len: int = MISSING
+    check_tol: float = MISSING
 
 
 @dataclass
 class TrainConfig(WorkloadConfig):
     """A small causal transformer LM whose attention layers call ring_attention."""
 
-    name: str = "train"
-    steps: int = 20
-    vocab: int = 256
-    layers: int = 2
-    lr: float = 3e-3
-    checkpoint_every: int = 10
+    steps: int = MISSING
+    vocab: int = MISSING
+    layers: int = MISSING
+    lr: float = MISSING
+    checkpoint_every: int = MISSING
 
 
 @dataclass
 class CustomConfig(WorkloadConfig):
     """A user function `pkg.module:fn(cfg, ctx)` called on every rank."""
 
-    name: str = "custom"
-    entry: str = ""
-    args: dict[str, Any] = field(default_factory=dict)
+    entry: str = MISSING
+    # the user's own arguments, handed to fn as they are
+    args: dict[str, Any] = MISSING
+
+
+@dataclass
+class CalibrateConfig(WorkloadConfig):
+    """`ringctl calibrate`: compute rate and links measured on the job's nodes, for the
+    workload shape above; written as a topology YAML."""
+
+    repeats: int = MISSING
+    # also write the topology here (absolute path; the job folder always gets one)
+    out: str | None = MISSING
+    # the written topology's name (null: out's file name, else <topology.name>_calibrated)
+    topology_name: str | None = MISSING
 
 
 @dataclass
 class WandbConfig:
     """Weights & Biases from rank 0. The API key comes from WANDB_API_KEY only, never config."""
 
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "ringctl"
-    entity: Any = None
-    group: Any = None
-    tags: list[str] = field(default_factory=list)
+    mode: str = MISSING
+    project: str = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
+    tags: list[str] = MISSING
 
 
-cs.store(group="launcher", name="schema", node=LauncherConfig)
-cs.store(group="workload", name="schema_attention", node=AttentionConfig)
-cs.store(group="workload", name="schema_train", node=TrainConfig)
-cs.store(group="workload", name="schema_custom", node=CustomConfig)
-cs.store(group="wandb", name="schema", node=WandbConfig)
+@dataclass
+class RingctlConfig:
+    """The whole config: one typed node per group, typed before any option is selected."""
 
-#: allowed values of the string-valued keys, checked by ringctl.launch.validate
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    name: str = MISSING
+    wait: bool = MISSING
+
+
+#: the config groups (the root schema's typed nodes)
+GROUPS = tuple(f.name for f in dataclasses.fields(RingctlConfig) if f.default_factory is not dataclasses.MISSING)
+
+cs = ConfigStore.instance()
+cs.store(name="ringctl_schema", node=RingctlConfig)
+# a workload option extends its own schema (the root only knows WorkloadConfig's keys)
+cs.store(group="workload", name="_attention", node=AttentionConfig)
+cs.store(group="workload", name="_train", node=TrainConfig)
+cs.store(group="workload", name="_custom", node=CustomConfig)
+cs.store(group="workload", name="_calibrate", node=CalibrateConfig)
+
+#: allowed values of the string-valued keys the planner does not own, checked by
+#: ringctl.launch.validate (layouts and dtypes: ringctl.plan.LAYOUTS, DTYPE_BYTES)
 LAUNCHER_KINDS = ("auto", "slurm", "local")
-DTYPES = ("float64", "float32", "bfloat16", "float16")
-LAYOUTS = ("contiguous", "zigzag", "striped")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Compose conf/ with Hydra's compose API; any composition error becomes a ConfigError.
+# ---- where configs come from: the package, then the user's directory ----------------------
 
-    Used by `ringctl launch` (and anyone else who needs the composed config without
-    running Hydra's app): unknown groups, unknown keys and wrong types all come back as
-    one line naming the key, the value given and what is allowed.
+
+def resolve_config_dir(config_dir: str | Path | None = None) -> Path | None:
+    """The user's config directory, absolute: `config_dir` (--config-dir), else
+    RINGCTL_CONFIG_DIR, else None. ConfigError when it is not a directory, or when a file in
+    it has the name of a packaged one (the package comes first on the search path, so that
+    file would be silently ignored)."""
+    key = "--config-dir"
+    if config_dir is None or str(config_dir) == "":
+        config_dir, key = os.environ.get(CONFIG_DIR_ENV, ""), CONFIG_DIR_ENV
+        if not config_dir:
+            return None
+    path = Path(config_dir).expanduser().absolute()
+    if not path.is_dir():
+        raise ConfigError(key, str(config_dir), "an existing directory holding group folders, e.g. DIR/topology/mycluster.yaml")
+    for mine in sorted(path.glob("*.yaml")) + sorted(path.glob("*/*.yaml")):
+        relative = mine.relative_to(path)
+        if (CONF_DIR / relative).exists():
+            raise ConfigError(
+                key, str(config_dir), f"files with names ringctl does not ship ({relative} is packaged and would hide yours; rename it)"
+            )
+    return path
+
+
+def pop_config_dir(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(DIR, the other arguments) from `--config-dir DIR`, `--config-dir=DIR` or Hydra's
+    spelling `-cd DIR`; DIR is None when absent (then RINGCTL_CONFIG_DIR applies)."""
+    found: str | None = None
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name in ("--config-dir", "-cd"):
+            found = value if eq else next(args, "")
+            if not found or found.startswith("-"):
+                raise ConfigError("--config-dir", found, "a directory, e.g. --config-dir ~/ringctl-conf")
+        else:
+            rest.append(arg)
+    return found, rest
+
+
+def searchpath_overrides(config_dir: str | Path | None = None) -> list[str]:
+    """The Hydra override that adds the user's directory to the search path, as a list
+    (empty without one): put it in front of the overrides given to `hydra.main` or compose."""
+    path = resolve_config_dir(config_dir)
+    return [] if path is None else [_searchpath_override([f"file://{path}"])]
+
+
+def _searchpath_override(entries: Sequence[str]) -> str:
+    r"""`hydra.searchpath=['file:///a', ...]`, each entry quoted for Hydra's override grammar
+    (inside quotes only \ and ' need escaping)."""
+    quoted = ("'" + e.replace("\\", "\\\\").replace("'", "\\'") + "'" for e in entries)
+    return f"hydra.searchpath=[{','.join(quoted)}]"
+
+
+def _is_searchpath(override: str) -> bool:
+    return override.partition("=")[0].lstrip("+~") == "hydra.searchpath"
+
+
+def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
+    """Compose the packaged conf/ (plus `config_dir`, else RINGCTL_CONFIG_DIR) with Hydra's
+    compose API; any composition error becomes a ConfigError.
+
+    Used by `ringctl plan` and `ringctl launch` (and anyone else who needs the composed
+    config without running Hydra's app): unknown groups, unknown keys, wrong types and keys
+    left unset all come back as one line naming the key, the value given and what is allowed.
     """
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = list(overrides)
+    args = searchpath_overrides(config_dir) + list(overrides)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="ringctl"):
+    with initialize_config_module(config_module=CONF_PACKAGE, version_base=None, job_name="ringctl"):
         try:
-            return hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=args)
         except Exception as exc:  # Hydra and OmegaConf raise many types; all mean bad input
-            raise config_error_from(exc, overrides) from exc
+            raise config_error_from(exc, args) from exc
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        key = min(missing)
+        group = key.partition(".")[0]
+        where = f"the selected {group} file" if group in GROUPS else "conf/config.yaml"
+        raise ConfigError(key, MISSING, f"a value: {where} leaves it unset; set it there or pass {key}=VALUE")
+    return cfg
 
 
-def _override_value(overrides: list[str], key: str) -> str:
+# ---- `ringctl launch --help`: the groups and their choices, bases left out ----------------
+
+
+def _config_groups(_root_: Any) -> str:
+    """The config groups and their options for the help text, like Hydra's $APP_CONFIG_GROUPS
+    but without the bases (names starting with `_`), and with the user's directory when
+    the command line added one (hydra.searchpath)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return ", ".join(GROUPS)
+    loader = GlobalHydra.instance().config_loader()
+    searchpath = list(OmegaConf.select(_root_, "hydra.searchpath", default=None) or [])
+    overrides = [_searchpath_override(searchpath)] if searchpath else []
+    lines = []
+    for group in GROUPS:
+        options = loader.get_group_options(group, overrides=overrides)
+        lines.append(f"{group}: {', '.join(sorted(o for o in options if not o.startswith('_')))}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("ringctl.config_groups", _config_groups, replace=True)
+
+
+# ---- composition errors as one line -------------------------------------------------------
+
+
+def _override_value(overrides: Sequence[str], key: str) -> str:
     """The value the user gave for `key` (with or without a +/++/~ prefix), else ''."""
     for item in overrides:
         name, _, value = item.partition("=")
@@ -185,17 +324,21 @@ def _override_value(overrides: list[str], key: str) -> str:
     return ""
 
 
-def _allowed_keys(overrides: list[str], key: str) -> str:
+def _allowed_keys(overrides: Sequence[str], key: str) -> str:
     """Keys allowed beside `key`: the children of its parent in the config composed
-    with only the user's group selections."""
+    with only the user's group selections (and search path)."""
     from hydra import compose as hydra_compose
-    from omegaconf import DictConfig
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
-    group_names = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    groups = [o for o in overrides if o.partition("=")[0].lstrip("+~") in group_names]
+    kept = [o for o in overrides if o.partition("=")[0].lstrip("+~") in GROUPS or _is_searchpath(o)]
     parent, _, _ = key.rpartition(".")
     try:
-        node = hydra_compose(config_name="config", overrides=groups)
+        if GlobalHydra.instance().is_initialized():
+            node: Any = hydra_compose(config_name=CONFIG_NAME, overrides=kept)
+        else:
+            with initialize_config_module(config_module=CONF_PACKAGE, version_base=None, job_name="ringctl"):
+                node = hydra_compose(config_name=CONFIG_NAME, overrides=kept)
         for part in filter(None, parent.split(".")):
             node = node[part]
     except Exception:
@@ -205,10 +348,10 @@ def _allowed_keys(overrides: list[str], key: str) -> str:
     prefix = parent + "." if parent else ""
     if len(node) == 0:
         return f"none yet; add one with +{key}=VALUE"
-    return "keys " + ", ".join(prefix + str(k) for k in node.keys())
+    return "keys " + ", ".join(prefix + str(k) for k in node)
 
 
-def _unparsable(overrides: list[str]) -> str | None:
+def _unparsable(overrides: Sequence[str]) -> str | None:
     """The first override Hydra's grammar cannot parse, if any."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -221,13 +364,14 @@ def _unparsable(overrides: list[str]) -> str | None:
     return None
 
 
-def config_error_from(exc: Exception, overrides: list[str]) -> ConfigError:
+def config_error_from(exc: Exception, overrides: Sequence[str]) -> ConfigError:
     """Translate a Hydra/OmegaConf composition error into one ConfigError line."""
     import re
 
     from hydra.errors import MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
+    overrides = list(overrides)
     text = str(exc)
     bad = _unparsable(overrides)
     if bad is not None:
@@ -238,7 +382,7 @@ def config_error_from(exc: Exception, overrides: list[str]) -> ConfigError:
         found = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", text)
         if found:
             group, given = found.group(1), found.group(2)
-            options = sorted(o for o in exc.options if not o.startswith("schema"))
+            options = sorted(o for o in exc.options if not o.startswith("_"))
             return ConfigError(group.replace("/", "."), given, ", ".join(options))
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
@@ -256,4 +400,4 @@ def config_error_from(exc: Exception, overrides: list[str]) -> ConfigError:
     if key:
         return ConfigError(key, _override_value(overrides, key), _allowed_keys(overrides, key))
     first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return ConfigError("overrides", " ".join(overrides), first)
+    return ConfigError("overrides", " ".join(o for o in overrides if not _is_searchpath(o)), first)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ringctl.config import CONF_DIR, TopologyConfig, compose
+from omegaconf import OmegaConf
+
+from ringctl.config import CONF_DIR, compose
 from ringctl.errors import ConfigError
 from ringctl.topology import LinkClass, Topology, place_ranks
 
@@ -37,7 +39,8 @@ def test_from_config_mapping_and_dataclass() -> None:
     assert topo.ranks_of_nodes() == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert topo.inter == LinkClass("inter", 25.0, 3.0) and topo.nics_per_node == 2
     assert topo.intra == LinkClass("intra", 450.0, 2.0)  # schema default where the mapping is silent
-    from_schema = Topology.from_config(TopologyConfig(nodes=3, ranks_per_node=[2, 1, 2]))
+    composed = compose(["+topology=2node", "topology.nodes=3", "topology.ranks_per_node=[2,1,2]"]).topology
+    from_schema = Topology.from_config(OmegaConf.to_object(composed))  # the typed TopologyConfig
     assert from_schema.ranks_per_node == (2, 1, 2) and not from_schema.is_even
     assert from_schema.rank_to_node == (0, 0, 1, 2, 2)
 

@@ -5,6 +5,8 @@
     ringctl launch +topology=2node wait=false          # print job id and folder, return at once
     ringctl launch -m workload.seq_len=1024,2048 topology.ring=flat,hierarchical
                                                        # sweep: every point validated, one job array
+    ringctl launch +topology=2node launcher=slurm --dry-run    # config + sbatch script, nothing submitted
+    ringctl launch +topology=2node launcher=slurm --preflight  # + sbatch --test-only: accepted? starts when?
     ringctl launch --cfg job | --help                  # Hydra's own behaviour
 
 Bad input (unknown group option or key, wrong type, a sequence the layout cannot split,
@@ -27,6 +29,7 @@ HYDRA_FLAGS = {
     "--package", "-p", "--shell-completion", "-sc", "--version",
 }
 MULTIRUN_FLAGS = {"-m", "--multirun"}
+DRY_RUN, PREFLIGHT = "--dry-run", "--preflight"
 # how Hydra itself is set up for `ringctl launch`: our sweep launcher, no logs or output
 # folders of Hydra's own (ringctl makes the job folders)
 HYDRA_SETUP = [
@@ -38,30 +41,53 @@ HYDRA_SETUP = [
 
 
 def main(command: str, argv: list[str]) -> int:
-    if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
-        return _hydra_app(argv)
-    if any(a in MULTIRUN_FLAGS for a in argv):
-        return sweep([a for a in argv if a not in MULTIRUN_FLAGS])
-    return launch_one(argv)
-
-
-def launch_one(overrides: list[str]) -> int:
-    """One job: compose, validate, submit, then follow it unless wait=false."""
-    from ringctl.config import compose
-    from ringctl.launch import SubmissionError, make_launcher, validate
+    """`--config-dir DIR` (else RINGCTL_CONFIG_DIR) adds the user's configs to the search
+    path of every form: one job, a sweep, and Hydra's own flags (--help lists DIR's options)."""
+    from ringctl.config import pop_config_dir, searchpath_overrides
 
     try:
-        cfg = compose(overrides)
-        res = validate(cfg)
+        config_dir, argv = pop_config_dir(argv)
+        # the Hydra override naming DIR; first, so Hydra's flags may follow the overrides
+        search = searchpath_overrides(config_dir)
     except ConfigError as exc:
         print(f"ringctl launch: {exc}", file=sys.stderr)
         return 2
-    launcher = make_launcher(res, cfg.launcher.get("root"))
+    # --dry-run: print the config and what would be submitted; --preflight: also ask
+    # `sbatch --test-only` whether SLURM would take it and when it would start
+    check = PREFLIGHT in argv
+    dry = check or DRY_RUN in argv
+    argv = [a for a in argv if a not in (DRY_RUN, PREFLIGHT)]
+    if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
+        return _hydra_app(search + argv)
+    if any(a in MULTIRUN_FLAGS for a in argv):
+        modes = ["hydra.launcher.dry_run=true"] * dry + ["hydra.launcher.preflight=true"] * check
+        return sweep(search + [a for a in argv if a not in MULTIRUN_FLAGS] + modes)
+    return launch_one(argv, config_dir, dry_run=dry, preflight=check)
+
+
+def launch_one(
+    overrides: list[str], config_dir: str | None = None, dry_run: bool = False, preflight: bool = False
+) -> int:
+    """One job: compose (with the user's `config_dir`), validate, submit, then follow it
+    unless wait=false. `dry_run`: print the config and the sbatch script (or the local
+    plan) instead of submitting; `preflight`: that, plus sbatch --test-only's verdict."""
+    from ringctl.config import compose
+    from ringctl.launch import SubmissionError, make_launcher, show_dry_run, validate
+
+    try:
+        cfg = compose(overrides, config_dir)
+        res = validate(cfg)
+        launcher = make_launcher(res, cfg.launcher.get("root"))  # checks the runs root
+        if dry_run:
+            return show_dry_run(launcher, [(cfg, res)], str(cfg.name), [tuple(overrides)], check=preflight)
+    except ConfigError as exc:
+        print(f"ringctl launch: {exc}", file=sys.stderr)
+        return 2
     try:
         [job] = launcher.submit([(cfg, res)], name=str(cfg.name), overrides=[tuple(overrides)])
     except SubmissionError as exc:
         print(f"ringctl launch: {exc}", file=sys.stderr)
-        return 1
+        return 2 if exc.user_input else 1
     print(f"submitted job {job.job_id} ({launcher.kind}); folder: {job.folder}")
     if not cfg.wait:
         print(f"follow it with: ringctl status {job.job_id}   ringctl logs {job.job_id} --follow")
@@ -103,16 +129,14 @@ def _hydra_app(argv: list[str], user_overrides: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ringctl.config import CONF_DIR, config_error_from
+    from ringctl.config import CONF_PATH, CONFIG_NAME, config_error_from
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+    @hydra.main(config_path=CONF_PATH, config_name=CONFIG_NAME, version_base=None)
     def app(cfg: Any) -> None:  # reached only for flags that also run the app (--resolve)
         print("ringctl launch: add no Hydra flags to submit a job", file=sys.stderr)
 
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    # flags before overrides: Hydra's argparse takes the overrides as one positional list
-    flags = [a for a in argv if a == "--multirun"]
-    rest = [a for a in argv if a != "--multirun"]
+    flags, rest = _flags_first(argv)
     sys.argv = ["ringctl launch", *flags, *HYDRA_SETUP, "hydra.run.dir=.", "hydra.help.app_name='ringctl launch'", *rest]
     os.environ["HYDRA_FULL_ERROR"] = "1"
     GlobalHydra.instance().clear()
@@ -135,3 +159,28 @@ def _hydra_app(argv: list[str], user_overrides: list[str] | None = None) -> int:
             os.environ["HYDRA_FULL_ERROR"] = saved_env
         GlobalHydra.instance().clear()
     return 0
+
+
+# Hydra flags that take a value as the next argument (`--cfg job`, `-p PACKAGE`, ...)
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def _flags_first(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides): Hydra's argparse takes the
+    overrides as one positional list, so a flag after an override is refused; the user may
+    write them in either order."""
+    flags: list[str] = []
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-"):
+            rest.append(arg)
+            continue
+        flags.append(arg)
+        if arg in _VALUE_FLAGS:
+            value = next(args, None)
+            if value is not None and (value.startswith("-") or "=" in value):
+                rest.append(value) if not value.startswith("-") else flags.append(value)
+            elif value is not None:
+                flags.append(value)
+    return flags, rest

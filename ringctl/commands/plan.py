@@ -3,6 +3,7 @@
     ringctl plan +topology=2node                          # table + ringplan-2node.png
     ringctl plan +topology=16node topology.distribution=cyclic --json
     ringctl plan +topology=4node topology.ring=flat workload.seq_len=262144 --png ring.png
+    ringctl plan --config-dir ~/ringctl-conf +topology=mycluster   # DIR/topology/mycluster.yaml
 
 Overrides are Hydra's (`topology.*`, `workload.*`: batch, seq_len, heads, kv_heads,
 head_dim, dtype, layout, causal). Hydra composes through its compose API, so nothing is
@@ -15,15 +16,23 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ringctl.errors import ConfigError
 
-USAGE = "usage: ringctl plan [+topology=NAME] [KEY=VALUE ...] [--json] [--png PATH]"
+if TYPE_CHECKING:
+    from ringctl.plan import RingPlan, Workload
+    from ringctl.topology import Topology
+
+USAGE = "usage: ringctl plan [--config-dir DIR] [+topology=NAME] [KEY=VALUE ...] [--json] [--png PATH]"
 
 
-def _parse(argv: list[str]) -> tuple[list[str], bool, str | None]:
-    """Split our flags from Hydra overrides: (overrides, as_json, png_path)."""
+def _parse(argv: list[str]) -> tuple[list[str], bool, str | None, str | None]:
+    """Split our flags from Hydra overrides: (overrides, as_json, png_path, config_dir).
+    config_dir is --config-dir's value (None: RINGCTL_CONFIG_DIR, else none)."""
+    from ringctl.config import pop_config_dir
+
+    config_dir, argv = pop_config_dir(argv)
     overrides: list[str] = []
     as_json, png = False, None
     args = iter(argv)
@@ -39,27 +48,24 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, str | None]:
             if not png:
                 raise ConfigError("--png", "", "a file path, e.g. --png ring.png")
         elif arg.startswith("-"):
-            raise ConfigError("option", arg, "--json | --png PATH | --help, then Hydra overrides KEY=VALUE")
+            raise ConfigError(
+                "option", arg, "--json | --png PATH | --config-dir DIR | --help, then Hydra overrides KEY=VALUE"
+            )
         else:
             overrides.append(arg)
-    return overrides, as_json, png
+    return overrides, as_json, png, config_dir
 
 
-def build(overrides: list[str]) -> tuple[Any, Any, Any]:
-    """(topology, plan, workload) from the composed config; ConfigError on bad input."""
+def build(overrides: list[str], config_dir: str | None = None) -> tuple[Topology, RingPlan, Workload]:
+    """(topology, plan, workload) from the config composed with `overrides` (and the user's
+    `config_dir`); ConfigError on bad input."""
     from ringctl.config import compose
-    from ringctl.plan import Workload, make_plan
+    from ringctl.plan import plan_from_config
     from ringctl.topology import Topology
 
-    cfg = compose(overrides)
+    cfg = compose(overrides, config_dir)
     topology = Topology.from_config(cfg.topology)
-    work = cfg.get("workload")
-    workload = Workload.from_config(work) if work is not None else Workload()
-    layout = work.get("layout", "zigzag") if work is not None else "zigzag"
-    plan = make_plan(
-        topology, layout=layout, algorithm=cfg.topology.get("ring", "flat"), order=cfg.topology.get("order", "node")
-    )
-    plan.check_seq_len(workload.seq_len)
+    plan, workload = plan_from_config(topology, cfg.topology, cfg.workload)
     return topology, plan, workload
 
 
@@ -69,8 +75,8 @@ def main(command: str, argv: list[str]) -> int:
         print(USAGE)
         return 0
     try:
-        overrides, as_json, png = _parse(argv)
-        topology, plan, workload = build(overrides)
+        overrides, as_json, png, config_dir = _parse(argv)
+        topology, plan, workload = build(overrides, config_dir)
         data = plan.to_dict(workload)
     except ValueError as exc:  # ConfigError and the planner's own checks: bad input
         print(f"ringctl {command}: {exc}", file=sys.stderr)
@@ -91,7 +97,7 @@ def main(command: str, argv: list[str]) -> int:
         from ringctl.report import plan_png
 
         try:
-            written = plan_png(plan, png, topology=topology, workload=workload)
+            written = plan_png(plan, png, workload=workload)
         except OSError as exc:
             print(f"ringctl {command}: --png={png!r} cannot be written: {exc.strerror or exc}", file=sys.stderr)
             return 2
