@@ -23,6 +23,7 @@ _LAZY = {
     "LinkClass": "ringctl.topology",
     "RingPlan": "ringctl.plan",
     "make_plan": "ringctl.plan",
+    "RingContext": "ringctl.context",
 }
 
 __all__ = sorted(_LAZY)

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import submitit
 
 RESULTS_NAME = "results.json"
 
@@ -80,11 +86,32 @@ class RunContext:
     ring_attention: Callable[..., Any] = field(repr=False, default=None)  # type: ignore[assignment]
     # CPU threads: {"per_rank": [torch threads of each rank], "source": the setting that chose them}
     threads: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 0  # 0, then 1, 2, ... after each requeue (same job, same folder)
+    # what the workload has measured so far (losses ...): kept in results.json if the job fails
+    progress: dict[str, Any] = field(default_factory=dict)
 
     @property
     def position(self) -> int:
         """This rank's position on the ring (which shard it holds)."""
         return self.plan.position(self.rank)
+
+    def stop_at_step_ends(self) -> None:
+        """The workload checks `stop_requested()` at every step end: SIGTERM and the
+        warning signal then wait for the step end instead of interrupting the rank."""
+        _STOP.cooperative = True
+
+    def stop_requested(self) -> list[int] | None:
+        """Collective (every rank at the same step end): what each rank received
+        (STOP_TERM, STOP_WARN or 0), or None when no rank received a stop signal."""
+        codes = stop_codes(self)
+        return codes if any(codes) else None
+
+    def stop(self, step: int, checkpoint: str | None) -> None:
+        """Collective, after a stop was requested and a checkpoint of `step` saved: look
+        once more (a job-wide signal reaches every rank within moments), then raise
+        StopJob on every rank; run_job requeues, ends quietly, or fails naming the rank."""
+        time.sleep(0.5)
+        raise StopJob(stop_codes(self), step, checkpoint)
 
 
 #: --cpus-per-task of a GPU rank when launcher.cpus_per_task is null: its host work (kernel
@@ -183,56 +210,456 @@ def _bind_gloo_nic(local_rank: int) -> None:
 
 
 def _job_folder() -> Path:
-    import submitit
-
     try:
         return Path(str(submitit.JobEnvironment().paths.folder))
     except RuntimeError:  # called outside submitit (tests, a plain torchrun)
         return Path(os.environ.get("RINGCTL_JOB_FOLDER", ".")).resolve()
 
 
-def run_job(config: dict[str, Any]) -> dict[str, Any]:
-    """The task body. Every rank returns its results; rank 0 writes results.json.
+# ---- stopping: signals, agreed stops at step boundaries, requeue ------------------------
 
-    A rank whose workload raises writes its traceback to `rank<R>.error` in the job folder
-    before re-raising, so `ringctl launch` can show the root cause (the first error file)
-    rather than the peers' "connection closed" that follows it."""
+
+class Terminated(BaseException):
+    """SIGTERM/SIGINT reached a rank whose workload cannot stop at a step boundary.
+    A BaseException, so user code's `except Exception` does not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        from ringctl.health import signal_name
+
+        super().__init__(f"received {signal_name(signum)}")
+        self.signum = signum
+
+
+class _Recorded(RuntimeError):
+    """A failure already recorded (results.json, the rank's record) by the stop path."""
+
+
+class StopJob(BaseException):
+    """Raised on every rank at the same step boundary once the ranks agreed to stop:
+    `codes[r]` says what rank r received (STOP_TERM, STOP_WARN or 0)."""
+
+    def __init__(self, codes: list[int], step: int, checkpoint: str | None) -> None:
+        super().__init__(f"stop agreed at step {step}: {codes}")
+        self.codes, self.step, self.checkpoint = codes, step, checkpoint
+
+
+STOP_TERM = 1  # SIGTERM / SIGINT: scancel, requeue, preemption, ringctl cancel, or a stray kill
+STOP_WARN = 2  # the warning signal (--signal, submitit's USR2) before a time limit or preemption
+
+
+@dataclass
+class _StopState:
+    received: dict[int, float] = field(default_factory=dict)  # signum -> when
+    cooperative: bool = False  # the workload checks `RunContext.stop_requested` at step ends
+    exiting: bool = False  # stopping already (requeued, cancelled): later signals change nothing
+
+
+_STOP = _StopState()
+
+
+def _warn_signal() -> int:
+    return int(submitit.JobEnvironment._usr_sig())
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGINT/SIGUSR2 (replacing submitit's handlers, which ignore SIGTERM and
+    requeue from rank 0 alone mid-step): a cooperative workload stops at its next step
+    boundary with every rank agreeing; any other stops now (SIGTERM) or runs on (warning)."""
+    if _STOP.exiting:
+        return
+    _STOP.received.setdefault(signum, time.time())
+    print(f"ringctl: rank received signal {signum} at {time.strftime('%H:%M:%S')}", flush=True)
+    if _STOP.cooperative:
+        return
+    if signum == _warn_signal():
+        print("ringctl: this workload cannot checkpoint; it runs on until the time limit", flush=True)
+        return
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> None:
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT, _warn_signal()):
+        signal.signal(signum, _on_signal)
+
+
+def _pending_code() -> int:
+    if _warn_signal() in _STOP.received:
+        return STOP_WARN
+    return STOP_TERM if _STOP.received else 0
+
+
+def stop_codes(ctx: RunContext) -> list[int]:
+    """Collective: what every rank received (STOP_* per rank). Every rank calls it at the
+    same point (a step end); one small all_reduce."""
+    import torch
+    import torch.distributed as dist
+
+    codes = torch.zeros(ctx.world_size, dtype=torch.int64, device=ctx.device)
+    codes[ctx.rank] = _pending_code()
+    dist.all_reduce(codes, group=ctx.group)
+    return [int(c) for c in codes.tolist()]
+
+
+def requeues_left(cfg: Any, attempt: int) -> int:
+    """How many more times this job may requeue itself (launcher.max_requeues, default 3)."""
+    return int(cfg.launcher.get("max_requeues", DEFAULT_MAX_REQUEUES)) - attempt
+
+
+DEFAULT_MAX_REQUEUES = 3
+
+
+# ---- the task body -------------------------------------------------------------------------
+
+_FAILING = threading.Lock()  # one failure path per process: the main thread's or the watchdog's
+
+
+@dataclass
+class _Attempt:
+    """What the failure and stop paths need, on every rank."""
+
+    config: dict[str, Any]
+    folder: Path
+    rank: int
+    world_size: int
+    attempt: int
+    heartbeat: Any
+    ctx: RunContext | None = None
+
+
+def heartbeat_timeout_s(cfg: Any) -> float:
+    """A peer silent this long is taken as stopped or hung: launcher.heartbeat_timeout_s,
+    else launcher.init_timeout_s (the process group's own timeout)."""
+    value = cfg.launcher.get("heartbeat_timeout_s")
+    if value is None:
+        value = cfg.launcher.get("init_timeout_s", 120)
+    return float(value)
+
+
+class RingctlJob(submitit.helpers.Checkpointable):
+    """The task body as submitit's Checkpointable callable: submitit pickles it and calls it
+    on every task. Its state (checkpoints, W&B run id, attempts) lives in the job folder,
+    so `checkpoint()` resubmits the same call and a requeued job resumes from the folder;
+    submitit's own warning-signal handler (active until `__call__` installs ringctl's) does
+    exactly that."""
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        return _run(config)
+
+    def checkpoint(self, config: dict[str, Any]) -> Any:
+        return submitit.helpers.DelayedSubmission(self, config)
+
+
+run_job = RingctlJob()
+
+
+def _run(config: dict[str, Any]) -> dict[str, Any]:
+    """Every rank returns its results; rank 0 writes results.json.
+
+    A rank whose workload raises writes its traceback to `rank<R>.error` and a final
+    record (ringctl.health) before re-raising; a rank whose collective failed first looks
+    for the peer that caused it, so `ringctl launch` names the first cause rather than the
+    peers' "connection closed". A watchdog thread ends the rank when a peer goes silent."""
     threads = set_threads(config)  # first: OpenMP reads OMP_NUM_THREADS when torch loads
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
+    from ringctl.health import Heartbeat, current_attempt
+
     cfg = OmegaConf.create(config)
     folder = _job_folder()
-    device, env = _init_distributed(cfg)
-    rank = dist.get_rank()
-    threads_per_rank: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(threads_per_rank, threads.count)
-    ctx: RunContext | None = None
+    rank, world = _task_identity()
+    attempt = current_attempt()
+    if attempt > 0:  # a requeued job: what an earlier attempt left must not speak for this one
+        _clear_stale_result()
+        if rank == 0:
+            _archive_errors(folder, attempt)
+    state = _Attempt(config, folder, rank, world, attempt, heartbeat=None)
+    state.heartbeat = Heartbeat(
+        folder, rank, world, node_name(), attempt, heartbeat_timeout_s(cfg),
+        on_silent=lambda ranks, reason: _abort_for_silent(state, ranks, reason),
+    ).start()
+    _install_signal_handlers()
     try:
         try:
-            ctx = _context(cfg, folder, device, env.local_rank)
-            ctx.threads = {"per_rank": threads_per_rank, "source": threads.source}
-            results = _run_workload(cfg, config, ctx)
-        except BaseException:
-            error = traceback.format_exc()
-            (folder / f"rank{rank}.error").write_text(error)
-            if ctx is not None:
-                ctx.metrics.finish(failed=True)
-            if rank == 0:
-                header = _header(config, ctx) if ctx is not None else {"config": config}
-                write_results(folder, {**header, "error": error})
-            raise
-        if results.get("failures"):
-            raise RuntimeError("; ".join(results["failures"]))
-        return results
+            device, env = _init_distributed(cfg)
+            threads_per_rank: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(threads_per_rank, threads.count)
+            state.ctx = _context(cfg, folder, device, env.local_rank, attempt)
+            state.ctx.threads = {"per_rank": threads_per_rank, "source": threads.source}
+            results = _run_workload(cfg, config, state.ctx)
+        except StopJob as stop:
+            _stopped(state, stop)  # always raises: SystemExit (requeue, job-wide stop) or _Recorded
+    except SystemExit:
+        raise  # a requeue or a job-wide stop: recorded, and not a failure of this rank
+    except BaseException as exc:
+        if not isinstance(exc, _Recorded):
+            _failed(state, exc)
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    state.heartbeat.finish("done")
+    if results.get("failures"):
+        raise RuntimeError("; ".join(results["failures"]))
+    return results
 
 
-def _context(cfg: Any, folder: Path, device: Any, local_rank: int) -> RunContext:
-    """Discover where the ranks run, plan the ring, open W&B: the workload's context."""
+def _task_identity() -> tuple[int, int]:
+    """(rank, world size) before torch.distributed exists: submitit's environment, else
+    torchrun's RANK/WORLD_SIZE."""
+    try:
+        env = submitit.JobEnvironment()
+        return env.global_rank, env.num_tasks
+    except RuntimeError:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _clear_stale_result() -> None:
+    """This task's result pickle from an earlier attempt (one that failed, then was
+    requeued by a node failure): `ringctl status` would take it as this attempt's end."""
+    try:
+        submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
+    except (RuntimeError, OSError):
+        pass
+
+
+def _archive_errors(folder: Path, attempt: int) -> None:
+    """Rank 0 of a requeued job: the previous attempt's rank*.error files move to its
+    health folder, so they never become this attempt's reported cause."""
+    from ringctl.health import attempt_dir
+
+    started = time.time() - 2.0  # this attempt's ranks start together; older files are stale
+    for path in folder.glob("rank*.error"):
+        try:
+            if path.stat().st_mtime < started:
+                target = attempt_dir(folder, attempt - 1)
+                target.mkdir(parents=True, exist_ok=True)
+                path.replace(target / path.name)
+        except OSError:
+            continue
+
+
+def _progress(state: _Attempt) -> dict[str, Any]:
+    return dict(state.ctx.progress) if state.ctx is not None else {}
+
+
+def _failure_results(state: _Attempt, failure: Any, error: str) -> dict[str, Any]:
+    from ringctl.health import read_attempts
+
+    header = _header(state.config, state.ctx) if state.ctx is not None else {"config": state.config}
+    return {
+        **header, **_progress(state), "error": error,
+        "failure": failure.to_dict() if failure is not None else None,
+        "attempt": state.attempt, "attempts": read_attempts(state.folder),
+    }
+
+
+def _writer(state: _Attempt, failure: Any) -> bool:
+    """The lowest rank that is not the dead or silent one writes results.json."""
+    culprit = failure.rank if failure is not None and failure.kind in ("died", "silent", "not-started") else None
+    return state.rank == min(r for r in range(state.world_size) if r != culprit) if state.world_size > 1 else True
+
+
+def _write_error(state: _Attempt, text: str) -> None:
+    try:
+        (state.folder / f"rank{state.rank}.error").write_text(text)
+    except OSError:
+        pass
+
+
+def _finish_metrics(state: _Attempt, *, failed: bool = False, preempting: bool = False, timeout_s: float = 10.0) -> None:
+    """W&B's finish, bounded: a stuck upload never keeps a failing or stopping rank alive
+    (SLURM kills a requeued job's processes KillWait seconds after SIGTERM)."""
+    if state.ctx is None or state.ctx.metrics is None:
+        return
+    worker = threading.Thread(
+        target=lambda: state.ctx.metrics.finish(failed=failed, preempting=preempting), daemon=True  # type: ignore[union-attr]
+    )
+    worker.start()
+    worker.join(timeout=timeout_s)
+
+
+def _failed(state: _Attempt, exc: BaseException) -> None:
+    """This rank's workload (or a collective) raised: find the first cause, record it."""
+    from ringctl.health import COMM, DIAGNOSE_WINDOW_S, ERROR, SIGNALLED, is_comm_error
+
+    error = traceback.format_exc()
+    if isinstance(exc, Terminated):
+        kind, reason = SIGNALLED, str(exc)
+    elif is_comm_error(error):
+        kind, reason = COMM, f"a collective failed: {_last_line(error)}"
+    else:
+        kind, reason = ERROR, _last_line(error)
+    with _FAILING:
+        _STOP.exiting = True
+        _write_error(state, error)
+        if kind == COMM:  # a peer's fault: which one? (a dead peer's heartbeat goes stale)
+            failure = _find_cause(state, DIAGNOSE_WINDOW_S, collective_failed=True)
+            blames = [failure.rank] if failure is not None and failure.rank not in (-1, state.rank) else []
+            if blames:
+                reason = f"{reason} (after rank {failure.rank}: {failure.reason})"
+            state.heartbeat.finish("failed", kind, reason, blames)
+        else:
+            state.heartbeat.finish("failed", kind, reason)
+            # a job-wide SIGTERM reaches every rank within moments: wait to tell it from a stray one
+            failure = _find_cause(state, 2.0 if kind == SIGNALLED else 0.0, want_stopped=kind == SIGNALLED)
+        if _writer(state, failure):
+            results = _failure_results(state, failure, error)
+            if failure is not None and failure.kind == "stopped":
+                results["stopped"] = failure.reason
+            write_results(state.folder, results)
+        _finish_metrics(state, failed=True)
+
+
+def _find_cause(state: _Attempt, window_s: float, *, collective_failed: bool = False, want_stopped: bool = False) -> Any:
+    """This attempt's diagnosis; waits up to `window_s` for a peer at fault to show (a
+    failing peer writes its record; a dead peer's heartbeat goes stale)."""
+    from ringctl.health import diagnose
+
+    deadline = time.time() + window_s
+    while True:
+        failure = diagnose(state.folder, state.attempt, state.world_size, collective_failed=collective_failed)
+        if want_stopped:
+            if failure is not None and failure.kind == "stopped":
+                return failure
+        elif failure is not None and failure.rank != state.rank:
+            return failure
+        if time.time() >= deadline:
+            return failure
+        time.sleep(0.25)
+
+
+def _abort_for_silent(state: _Attempt, ranks: list[int], reason: str) -> None:
+    """Watchdog (heartbeat thread): a peer went silent while this rank may be stuck in a
+    collective waiting for it. Record why, and end the process: a collective cannot be
+    interrupted from another thread."""
+    from ringctl.health import SILENT_PEER, diagnose
+
+    if not _FAILING.acquire(blocking=False):
+        return  # the main thread is already failing
+    _STOP.exiting = True
+    error = f"rank {state.rank} stopped waiting: {reason}\n"
+    _write_error(state, error)
+    state.heartbeat.finish("failed", SILENT_PEER, reason, ranks)
+    failure = diagnose(state.folder, state.attempt, state.world_size)
+    if _writer(state, failure):
+        write_results(state.folder, _failure_results(state, failure, error))
+    _finish_metrics(state, failed=True)
+    print(f"ringctl: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def _stopped(state: _Attempt, stop: StopJob) -> None:
+    """Every rank agreed to stop at the same step (a checkpoint is saved). Requeue on the
+    warning signal; on a SIGTERM every rank received (scancel, requeue, preemption, ringctl
+    cancel), end quietly and let the scheduler say what happened; a SIGTERM only some ranks
+    received fails the job naming them."""
+    import subprocess
+
     import torch.distributed as dist
 
+    from ringctl.health import Failure, record_attempt
+
+    ctx = state.ctx
+    assert ctx is not None
+    node = ctx.node_names
+    warned = [r for r, c in enumerate(stop.codes) if c == STOP_WARN]
+    termed = [r for r, c in enumerate(stop.codes) if c == STOP_TERM]
+    where = f"at step {stop.step} (checkpoint {stop.checkpoint})"
+    if warned:
+        left = requeues_left(ctx.cfg, state.attempt)
+        if left > 0:
+            reason = f"time limit or preemption warning {where}: requeued ({left - 1} requeues left)"
+            if state.rank == 0:
+                _finish_metrics(state, preempting=True)
+                record_attempt(state.folder, {"attempt": state.attempt, "event": "requeue", "step": stop.step, "time": time.time(), "reason": reason})
+                try:
+                    _requeue(state)
+                except (OSError, subprocess.SubprocessError) as exc:
+                    failure = Failure(-1, "", "stopped", f"{reason.split(': requeued')[0]}; the requeue failed: {exc}", state.attempt)
+                    _end_stopped(state, failure, failed=True)
+                    raise _Recorded(failure.reason) from exc
+            state.heartbeat.finish("stopped", "requeue", reason)
+            dist.barrier()  # nobody leaves before rank 0 asked for the requeue
+            _STOP.exiting = True
+            _exit_for_requeue()
+        limit = int(ctx.cfg.launcher.get("max_requeues", DEFAULT_MAX_REQUEUES))
+        failure = Failure(
+            -1, "", "stopped",
+            f"time limit or preemption warning {where}; not requeued: launcher.max_requeues={limit} "
+            f"reached (this is attempt {state.attempt}); raise it or launcher.time_min",
+            state.attempt,
+        )
+        _end_stopped(state, failure, failed=True)
+        raise _Recorded(failure.reason)
+    if len(termed) == state.world_size:
+        failure = Failure(-1, "", "stopped", f"SIGTERM on every rank {where} (scancel, requeue, preemption or ringctl cancel)", state.attempt)
+        _end_stopped(state, failure, failed=False)
+        _STOP.exiting = True
+        raise SystemExit(143)
+    first = termed[0]
+    failure = Failure(first, node[first], "signal", f"received SIGTERM {where}", state.attempt)
+    if state.rank in termed:
+        state.heartbeat.finish("failed", "signal", failure.reason)
+    else:
+        state.heartbeat.finish("failed", "comm", f"stopped with rank {first}: {failure.reason}", [first])
+    _end_stopped(state, failure, failed=True, record=False)
+    raise _Recorded(f"rank {first} on node {node[first]} {failure.reason}")
+
+
+def _end_stopped(state: _Attempt, failure: Any, *, failed: bool, record: bool = True) -> None:
+    from ringctl.health import record_attempt
+
+    _STOP.exiting = True
+    if state.rank == 0:
+        results = _failure_results(state, failure, failure.reason)
+        if not failed:
+            results["stopped"] = failure.reason
+            results.pop("error")
+        write_results(state.folder, results)
+        record_attempt(state.folder, {"attempt": state.attempt, "event": "stopped", "time": time.time(), "reason": failure.reason})
+        _finish_metrics(state, failed=failed, preempting=not failed, timeout_s=3.0)
+    if record:
+        state.heartbeat.finish("stopped" if not failed else "failed", "signal", failure.reason)
+
+
+def _requeue(state: _Attempt) -> None:
+    """Ask for the requeue: SLURM requeues the job (same id, same folder); locally the
+    controller restarts the tasks when they exit with submitit's requeue code."""
+    import subprocess
+
+    env = submitit.JobEnvironment()
+    if env.cluster == "slurm":
+        subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60, capture_output=True)
+
+
+def _exit_for_requeue() -> None:
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = LOCAL_REQUEUE_RETURN_CODE if submitit.JobEnvironment().cluster == "local" else 0
+    raise SystemExit(code)  # not an Exception: submitit writes no result, the job is not over
+
+
+def _last_line(text: str) -> str:
+    """An exception's last line, without gloo's source location and advice."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else ""
+    line = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", line)
+    return line.split(". This is typically caused")[0]
+
+
+def _context(cfg: Any, folder: Path, device: Any, local_rank: int, attempt: int = 0) -> RunContext:
+    """Discover where the ranks run, plan the ring, open W&B: the workload's context. A
+    requeued job runs this again: the ring is planned for the nodes it has now, and
+    attempts.jsonl records each attempt's nodes and ring."""
+    import torch.distributed as dist
+
+    from ringctl.health import record_attempt
     from ringctl.metrics import Metrics
     from ringctl.plan import plan_from_config
 
@@ -241,13 +668,36 @@ def _context(cfg: Any, folder: Path, device: Any, local_rank: int) -> RunContext
     dist.all_gather_object(names, node_name())
     topology = discover(cfg.topology, list(names), cfg.resources.virtual_node_size)
     plan, _ = plan_from_config(topology, cfg.topology, cfg.workload)
+    run_id = _wandb_run_id(folder) if rank == 0 else None
+    if rank == 0:
+        record_attempt(folder, {
+            "attempt": attempt, "event": "start", "time": time.time(), "job_id": env_job_id(),
+            "node_names": list(names), "ring_order": list(plan.ring_order),
+        })
     ctx = RunContext(
         cfg=cfg, rank=rank, world_size=world, local_rank=local_rank, device=device,
         group=dist.group.WORLD, plan=plan, topology=topology, node_names=list(names),
-        folder=folder, metrics=Metrics(cfg, folder, rank, plan=plan, topology=topology),
+        folder=folder, metrics=None, attempt=attempt,
     )
+    ctx.metrics = Metrics(cfg, folder, rank, plan=plan, topology=topology, run_id=run_id, resumed=attempt > 0)
     ctx.ring_attention = _bound_ring_attention(ctx)
     return ctx
+
+
+def _wandb_run_id(folder: Path) -> str:
+    """One W&B run per job, whatever the attempts: its id is made once and kept in the folder."""
+    import secrets
+
+    path = folder / "wandb_run_id"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        pass
+    run_id = secrets.token_hex(6)
+    tmp = path.with_name(".wandb_run_id.tmp")
+    tmp.write_text(run_id)
+    tmp.replace(path)
+    return run_id
 
 
 def _header(config: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
@@ -267,6 +717,7 @@ def _run_workload(cfg: Any, config: dict[str, Any], ctx: RunContext) -> dict[str
     """Run the workload; once every rank finished it, rank 0 writes results.json."""
     import torch.distributed as dist
 
+    from ringctl.health import read_attempts
     from ringctl.workloads import get_workload
 
     started = time.time()
@@ -276,7 +727,13 @@ def _run_workload(cfg: Any, config: dict[str, Any], ctx: RunContext) -> dict[str
     summary = ctx.metrics.finish(summary=_scalars(results))
     if ctx.rank == 0:
         results["wandb"] = summary
+        results["attempt"] = ctx.attempt
+        results["attempts"] = read_attempts(ctx.folder)
         write_results(ctx.folder, results)
+    _STOP.exiting = True
+    # every rank leaves together: srun --wait and the local controller give the others only
+    # a short grace once the first task has exited
+    dist.barrier()
     return results
 
 
@@ -291,8 +748,6 @@ def _bound_ring_attention(ctx: RunContext) -> Callable[..., Any]:
 
 
 def env_job_id() -> str:
-    import submitit
-
     try:
         return str(submitit.JobEnvironment().job_id)
     except RuntimeError:
