@@ -41,6 +41,10 @@ LAYOUTS = ("contiguous", "zigzag", "striped")
 PHASES = ("forward", "backward")
 #: dtype names (workload.dtype) and their element size
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+#: sizes beyond these are refused: the Triton and flash kernels stop at 256 (head_dim), and
+#: token positions are int32 in some kernels (seq_len)
+MAX_HEAD_DIM = 256
+MAX_SEQ_LEN = 2**31
 
 
 def seq_len_divisor(layout: str, world_size: int) -> int:
@@ -78,6 +82,10 @@ class Workload:
     def __post_init__(self) -> None:
         for key in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
             check_positive_int(f"workload.{key}", getattr(self, key))
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ConfigError("workload.head_dim", self.head_dim, f"an integer in 1..{MAX_HEAD_DIM} (the attention kernels' limit)")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise ConfigError("workload.seq_len", self.seq_len, f"an integer in 1..{MAX_SEQ_LEN} (2**31)")
         if self.heads % self.kv_heads:
             raise ConfigError("workload.kv_heads", self.kv_heads, f"a divisor of workload.heads={self.heads}")
         if self.dtype not in DTYPE_BYTES:

@@ -13,6 +13,10 @@ class RingctlLauncherConf:
     _target_: str = "hydra_plugins.ringctl_launcher.ringctl_launcher.RingctlLauncher"
     # block until every job of the sweep ended, with live progress (ringctl launch -m ... wait=true)
     wait: bool = False
+    # ringctl launch -m ... --dry-run: print every point's config and the sbatch script(s), submit nothing
+    dry_run: bool = False
+    # ... --preflight: the dry run plus sbatch --test-only's verdict on each script
+    preflight: bool = False
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ringctl", node=RingctlLauncherConf, provider="ringctl")

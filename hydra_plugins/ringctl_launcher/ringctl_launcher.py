@@ -25,8 +25,10 @@ from omegaconf import DictConfig, open_dict
 
 
 class RingctlLauncher(Launcher):
-    def __init__(self, wait: bool = False) -> None:
+    def __init__(self, wait: bool = False, dry_run: bool = False, preflight: bool = False) -> None:
         self.wait = wait
+        self.dry_run = dry_run or preflight
+        self.preflight = preflight
         self.config: DictConfig | None = None
         self.hydra_context: Any = None
 
@@ -66,11 +68,15 @@ class RingctlLauncher(Launcher):
                 cfg.wandb.group = group  # one W&B group per sweep
         launcher = make_launcher(points[0][1], first.launcher.get("root"))
         shown = [tuple(_shown(o)) for o in job_overrides]
+        if self.dry_run:
+            from ringctl.launch import show_dry_run
+
+            raise SystemExit(show_dry_run(launcher, points, name, shown, check=self.preflight))
         try:
             jobs = launcher.submit(points, name=name, overrides=shown)
         except SubmissionError as exc:
             print(f"ringctl launch: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
+            raise SystemExit(2 if exc.user_input else 1) from None
         _print_table(jobs, launcher.kind, group)
         code = 0
         if self.wait:
