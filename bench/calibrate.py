@@ -1,240 +1,82 @@
-"""Calibrate the cost model on this machine: per-rank attention FLOP rate and link figures.
+"""Calibrate the cost model under srun or as local processes, and edit a topology YAML in place.
 
-The cost model (ringctl/plan.py `estimate`) prices a ring step as max(compute, transfer),
-compute = model FLOPs / `topology.compute_tflops`. On CPU that rate depends on how many
-ranks share the cores, so it is measured with the benchmark's own ranks running at once:
+The measuring is `ringctl calibrate`'s (ringctl/workloads/calibrate.py); this script runs it
+outside a ringctl job, for bench/fabric.py, which calibrates inside its dev cluster with
+srun and writes the figures into the scenario's topology YAML keeping its comments:
 
     # inside the dev cluster (what bench/fabric.py does): same nodes, tasks, env as the jobs
     srun -N2 --ntasks-per-node=2 python bench/calibrate.py --dir /tmp/cal --seq-len 8192
     # on this machine without SLURM (4 processes, 2 virtual nodes of 2), for a dry run
     python bench/calibrate.py --local 2x2 --seq-len 8192 [--write conf/topology/emulated2node.yaml]
 
-Every rank, all at once (one barrier before each measurement):
-- ring (what `--write` uses): ringctl's own ring forward at a size where its transfers hide
-  behind compute (hierarchical plan; pick --seq-len large enough). rate = the model's FLOPs
-  of one forward (W x 4 B Hq D x 0.5 x s^2, s = tokens per rank) / time of the slowest
-  rank. On 2 shared cores this is what a ring step's compute really costs: the blocks plus
-  merges, gloo's copies and progress threads competing for the same cores.
-- compute: the block computes alone (no communication), at the zigzag causal positions the
-  ring uses: the same FLOPs / time; the backward's ratio to the forward is reported beside
-  the model's 2.5. The gap between this and `ring` is the CPU the ring spends on the rest.
-- intra: each node's ranks run one inner-ring hop (send to l+1, receive from l-1) of a
-  K/V block, all nodes at once: bandwidth = block bytes / time; latency from a 4-byte hop.
-- inter: every rank sends a K/V block to its peer with the same local index on the next
-  node (the outer ring's hop; all NICs busy): bandwidth per flow = block bytes / time.
-
-Rank 0 prints one JSON object; `--write CONFIG` puts compute_tflops, intra's bandwidth and
+Rank 0 prints one JSON object: `compute` (block computes + merges of one ring pass, with
+ring hops in flight and with idle links), `ring` (ringctl's own ring forward, hierarchical
+plan: what `--write` uses as compute_tflops; pick --seq-len so its transfers hide behind
+compute), `intra` and `inter` (latency; bandwidth per flow with every rank sending),
+`inter_one_lane` and `nics`. `--write CONFIG` puts compute_tflops, intra's bandwidth and
 latency and inter's latency into that topology YAML (inter's bandwidth stays the fabric's
-tbf rate, so the plan prices the link the fabric emulates).
+tbf rate, so the plan prices the link the fabric emulates). To write a whole topology file
+from a job instead: `ringctl calibrate`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ringctl.topology import Topology
+from ringctl.workloads.calibrate import (
+    Shape,
+    flat_ring_peers,
+    measure_compute,
+    measure_links,
+    measure_ring_forward,
+)
+
 REPEATS = 5
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The benchmark's attention sizes (global sequence), float32, causal zigzag."""
-
-    batch: int
-    seq_len: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    def block_tokens(self, world: int) -> int:
-        from ringctl.plan import check_seq_len
-
-        return check_seq_len(self.seq_len, "zigzag", world, key="--seq-len")
-
-    def kv_bytes(self, world: int) -> int:
-        """K and V of one shard, float32 (what one ring hop carries)."""
-        return 2 * self.batch * self.block_tokens(world) * self.kv_heads * self.head_dim * 4
-
-    def forward_flops(self, world: int) -> float:
-        """The cost model's FLOPs of one ring forward on one rank (W balanced causal blocks)."""
-        s = self.block_tokens(world)
-        return world * 4 * self.batch * self.heads * self.head_dim * 0.5 * s * s
-
-
-@dataclass(frozen=True)
-class Where:
-    """This process in the job: global rank, world, node index, local index, ranks per node."""
-
-    rank: int
-    world: int
-    node: int
-    local: int
-    per_node: int
-
-    @property
-    def nodes(self) -> int:
-        return self.world // self.per_node
-
-    def global_rank(self, node: int, local: int) -> int:
-        """Rank of (node, local) under block placement (srun's default)."""
-        return (node % self.nodes) * self.per_node + local % self.per_node
-
-
-def _timed(fn: Any, repeats: int = REPEATS) -> float:
-    """Seconds of fn() on the slowest rank, the least over `repeats` runs after one warm-up;
-    a barrier before each run so ranks run at once. The slowest rank per run (the ring waits
-    for it), then the least run: the cores are shared with other people's work, and the
-    least is the run they disturbed least (bench/fabric.py reads the jobs' times the same way)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    slowest = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return float(slowest.min())
-
-
-def measure_compute(shape: Shape, where: Where) -> dict[str, float]:
-    """Forward and backward block computes of one ring pass, as the ring runs them."""
-    from ringctl.ring.block import block_backward, block_forward
-    from ringctl.ring.layouts import token_positions
-
-    world, s = where.world, shape.block_tokens(where.world)
-    gen = torch.Generator().manual_seed(where.rank)
-    q = torch.randn(shape.batch, s, shape.heads, shape.head_dim, generator=gen)
-    k = torch.randn(shape.batch, s, shape.kv_heads, shape.head_dim, generator=gen)
-    v = torch.randn_like(k)
-    dout = torch.randn_like(q)
-    scale = 1.0 / math.sqrt(shape.head_dim)
-    q_pos = token_positions(shape.seq_len, where.rank, world, "zigzag")
-    k_pos = [token_positions(shape.seq_len, src, world, "zigzag") for src in range(world)]
-    saved = {src: block_forward(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos[src]) for src in range(world)}
-
-    def forward() -> None:
-        for src in range(world):
-            block_forward(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos[src])
-
-    def backward() -> None:
-        for src in range(world):
-            out, lse = saved[src]
-            block_backward(dout, q, k, v, out, lse, scale=scale, q_pos=q_pos, k_pos=k_pos[src])
-
-    t_fwd = _timed(forward)
-    t_bwd = _timed(backward)
-    return {
-        "forward_s": t_fwd,
-        "backward_s": t_bwd,
-        "compute_tflops": shape.forward_flops(world) / t_fwd / 1e12,
-        "backward_over_forward": t_bwd / t_fwd,
-    }
-
-
-def measure_ring(shape: Shape, where: Where) -> dict[str, float]:
-    """The ring's own forward (ringctl.ring_attention, hierarchical plan on the discovered
-    placement) at a size where its transfers hide behind compute: rate = the model's
-    forward FLOPs / time of the slowest rank. Unlike the block-only figure this includes
-    what the ring spends besides FLOPs on these cores: merges, gloo's copies and threads."""
-    from ringctl.plan import make_plan
-    from ringctl.ring import ring_attention
-    from ringctl.topology import Topology
-
-    names: list[Any] = [None] * where.world
-    dist.all_gather_object(names, os.environ.get("SLURMD_NODENAME") or f"virtual{where.node}")
-    topology = Topology.discover(names)
-    algorithm = "hierarchical" if topology.is_even and topology.nodes > 1 else "flat"
-    plan = make_plan(topology, layout="zigzag", algorithm=algorithm)
-    s = shape.block_tokens(where.world)
-    gen = torch.Generator().manual_seed(where.rank)
-    q = torch.randn(shape.batch, s, shape.heads, shape.head_dim, generator=gen)
-    k = torch.randn(shape.batch, s, shape.kv_heads, shape.head_dim, generator=gen)
-    v = torch.randn_like(k)
-
-    def forward() -> None:
-        with torch.no_grad():
-            ring_attention(q, k, v, causal=True, layout="zigzag", plan=plan)
-
-    t_fwd = _timed(forward, repeats=3)
-    return {"plan": algorithm, "forward_s": t_fwd, "compute_tflops": shape.forward_flops(where.world) / t_fwd / 1e12}
-
-
-def _hop_time(nbytes: int, send_to: int, recv_from: int) -> float:
-    """Median seconds of one send/recv pair of nbytes, all ranks at once (slowest rank)."""
-    n = max(1, nbytes // 4)
-    send, recv = torch.ones(n), torch.empty(n)
-
-    def hop() -> None:
-        # irecv first, as ringctl/ring/comm.py posts a hop (why: see there)
-        ops = [dist.P2POp(dist.irecv, recv, recv_from), dist.P2POp(dist.isend, send, send_to)]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
-    return _timed(hop)
-
-
-def measure_link(shape: Shape, where: Where, link: str) -> dict[str, float] | None:
-    """Bandwidth (GB/s) and latency (us) of the inner-ring (intra) or outer-ring (inter) hop."""
-    if link == "intra":
-        if where.per_node < 2:
-            return None
-        to = where.global_rank(where.node, where.local + 1)
-        frm = where.global_rank(where.node, where.local - 1)
-    else:
-        if where.nodes < 2:
-            return None
-        to = where.global_rank(where.node + 1, where.local)
-        frm = where.global_rank(where.node - 1, where.local)
-    nbytes = shape.kv_bytes(where.world)
-    latency = _hop_time(4, to, frm)
-    seconds = _hop_time(nbytes, to, frm)
-    return {
-        "bytes": nbytes,
-        "seconds": seconds,
-        "latency_us": latency * 1e6,
-        "bandwidth_GBps": nbytes / max(seconds - latency, 1e-9) / 1e9,
-    }
-
-
-def worker(where: Where, shape: Shape, store_dir: str) -> dict[str, Any] | None:
-    """One rank's part; rank 0 returns the figures."""
-    store = dist.FileStore(os.path.join(store_dir, "store"), where.world)
-    dist.init_process_group("gloo", store=store, rank=where.rank, world_size=where.world)
+def worker(rank: int, world: int, node_name: str, shape: Shape, store_dir: str) -> dict[str, Any] | None:
+    """One rank's part (all ranks at once); rank 0 returns the figures."""
+    store = dist.FileStore(os.path.join(store_dir, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
+        names: list[Any] = [None] * world
+        dist.all_gather_object(names, node_name)
+        topology = Topology.discover(names)
+        cpu = torch.device("cpu")
+        order = [r for ranks in topology.ranks_of_nodes() for r in ranks]  # the flat node-order ring
         result = {
-            "world_size": where.world,
-            "nodes": where.nodes,
-            "ranks_per_node": where.per_node,
+            "world_size": world,
+            "nodes": topology.nodes,
+            "ranks_per_node": list(topology.ranks_per_node),
             "torch_threads": torch.get_num_threads(),
             "shape": shape.__dict__,
-            "block_tokens": shape.block_tokens(where.world),
-            "compute": measure_compute(shape, where),
-            "ring": measure_ring(shape, where),
-            "intra": measure_link(shape, where, "intra"),
-            "inter": measure_link(shape, where, "inter"),
+            "block_tokens": shape.block_tokens(world),
+            "compute": measure_compute(
+                shape, order.index(rank), world, cpu, repeats=REPEATS,
+                busy_peers=flat_ring_peers(topology, rank), busy=world > 1,
+            ),
+            "ring": measure_ring_forward(shape, topology, rank, cpu),
+            **measure_links(shape, topology, rank, cpu, repeats=REPEATS),
         }
         dist.barrier()
-        return result if where.rank == 0 else None
+        return result if rank == 0 else None
     finally:
         dist.destroy_process_group()
 
 
 def _local_worker(rank: int, nodes: int, per_node: int, shape: Shape, store_dir: str, out: str) -> None:
-    where = Where(rank, nodes * per_node, rank // per_node, rank % per_node, per_node)
-    result = worker(where, shape, store_dir)
+    result = worker(rank, nodes * per_node, f"virtual{rank // per_node}", shape, store_dir)
     if result is not None:
         Path(out).write_text(json.dumps(result))
 
@@ -250,12 +92,10 @@ def run_local(nodes: int, per_node: int, shape: Shape) -> dict[str, Any]:
 
 
 def run_slurm(shape: Shape, store_dir: str) -> dict[str, Any] | None:
-    """This process is one srun task (block distribution)."""
+    """This process is one srun task; its node is SLURMD_NODENAME."""
     env = os.environ
-    world = int(env["SLURM_NTASKS"])
-    nodes = int(env["SLURM_NNODES"])
-    where = Where(int(env["SLURM_PROCID"]), world, int(env["SLURM_NODEID"]), int(env["SLURM_LOCALID"]), world // nodes)
-    return worker(where, shape, store_dir)
+    node = env.get("SLURMD_NODENAME") or f"node{env['SLURM_NODEID']}"
+    return worker(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), node, shape, store_dir)
 
 
 # ---- writing the figures into a topology config ------------------------------------------
@@ -263,7 +103,7 @@ def run_slurm(shape: Shape, store_dir: str) -> dict[str, Any] | None:
 
 def _set(text: str, pattern: str, value: str, path: Path) -> str:
     """Replace the value on the YAML line matched by pattern, keeping its comment."""
-    new, count = re.subn(pattern, lambda m: f"{m.group(1)}{value}{m.group(3)}", text, count=1, flags=re.M)
+    new, count = re.subn(pattern, lambda m: f"{m.group(1)}{value}{m.group(3)}", text, count=1, flags=re.MULTILINE)
     if count != 1:
         raise ValueError(f"{path}: no line matches {pattern!r}; cannot write the calibration")
     return new

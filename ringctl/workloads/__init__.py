@@ -1,17 +1,24 @@
 """Workloads: what a ringctl job runs on every rank, `fn(cfg, ctx) -> dict`.
 
 `attention` times ring_attention and checks it; `train` trains a small LM whose attention
-is ring_attention; `custom` calls the user's `pkg.module:fn`. The returned dict (rank 0's)
-is merged into results.json.
+is ring_attention; `custom` calls the user's `pkg.module:fn`; `calibrate` measures compute
+and links for the cost model (`ringctl calibrate`). The returned dict (rank 0's) is merged
+into results.json.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 # workload.name -> module defining `run(cfg, ctx) -> dict`
-WORKLOADS = {"attention": "ringctl.workloads.attention", "train": "ringctl.workloads.train", "custom": "ringctl.workloads.custom"}
+WORKLOADS = {
+    "attention": "ringctl.workloads.attention",
+    "train": "ringctl.workloads.train",
+    "custom": "ringctl.workloads.custom",
+    "calibrate": "ringctl.workloads.calibrate",
+}
 
 
 def get_workload(name: str) -> Callable[[Any, Any], dict[str, Any]]:

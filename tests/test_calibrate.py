@@ -1,0 +1,233 @@
+"""`ringctl calibrate`: a job that measures compute and links and writes a topology YAML.
+
+- The written YAML has the fields of the shipped topologies, composes from a config
+  directory of one's own (`--config-dir DIR +topology=NAME`) and plans.
+- The link measurements pair the ranks by their discovered nodes (cyclic placement too).
+- Bad input: one line, exit 2, nothing submitted.
+- The README's example, run as written (locally here): the file where --out says and in the
+  job folder, the figures in results.json and the W&B run, and `ringctl plan` from the file.
+- On the dev cluster with the emulated fabric (`--fabric inter=100mbit,nics=1`): the
+  measured inter-node rate is within 15% of the tbf rate, and `ringctl plan` with the file
+  predicts the forward time `ringctl launch` then measures (attention `fwd_s`) within +-25%.
+  The shape is the attention workload's (S=2048, 8 heads x 64, float32) with 8 KV heads, so
+  the job is link-bound (2 MB hops) even when other work slows the compute several-fold: near
+  the balance point max(compute, transfer) underprices 2 shared cores, whose compute and
+  transfers take CPU from each other (README, "Performance"). About two minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from slurm_cluster import DevCluster, running_cluster
+
+from ringctl.config import CONF_DIR, compose
+from ringctl.plan import make_plan
+from ringctl.runlog import summary
+from ringctl.topology import Topology
+from ringctl.workloads.calibrate import Lanes, Shape, render_yaml, topology_fields
+
+FABRIC_MBIT = 100
+TBF_BYTES_PER_S = FABRIC_MBIT * 1e6 / 8
+SHIPPED_FIELDS = set(yaml.safe_load((CONF_DIR / "topology" / "emulated2node.yaml").read_text()))
+
+
+def ringctl(args: list[str], runs: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    dropped = ("SLURM_CONF", "WANDB_API_KEY", "RINGCTL_MAX_RANKS_PER_NODE", "RINGCTL_CONFIG_DIR")
+    environ = {k: v for k, v in os.environ.items() if k not in dropped}
+    environ.update(RINGCTL_RUNS=str(runs), WANDB_SILENT="true", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "ringctl", *args], check=False, capture_output=True, text=True, env=environ, cwd=cwd, timeout=timeout
+    )
+
+
+def _figures() -> tuple[dict, dict]:
+    compute = {
+        "compute_tflops": 0.0123, "blocks_computed": 4, "block_tokens": 512, "forward_s": 0.0437,
+        "forward_idle_links_s": 0.04, "backward_over_forward": 2.7, "model_backward_over_forward": 2.5,
+    }
+    nics = {"count": 1, "source": "interfaces", "interfaces_per_node": 1, "measured": 1, "bound": ["eth0"] * 4}
+    links = {
+        "intra": {"bandwidth_GBps": 0.8, "latency_us": 400.0},
+        "inter": {"bandwidth_GBps": 0.006, "latency_us": 500.0, "flows_per_node": 2},
+        "inter_one_lane": {"bandwidth_GBps": 0.0119, "latency_us": 480.0, "flows_per_node": 1},
+        "nics": nics,
+    }
+    return compute, links
+
+
+def test_written_topology_has_the_shipped_fields_and_composes_from_a_config_dir(tmp_path: Path) -> None:
+    compute, links = _figures()
+    topology = Topology.discover(["a", "b", "a", "b"], inter=None)
+    cfg = OmegaConf.create({
+        "topology": {"ring": "flat", "order": "node", "distribution": "cyclic", "virtual_node_size": None},
+        "resources": {"gpus_per_node": 0},
+    })
+    ctx = SimpleNamespace(topology=topology, device=torch.device("cpu"))
+    fields = topology_fields(cfg, ctx, compute, links, "mine")
+    # per NIC, the most one NIC carried: 2 flows at once got 6 MB/s each through 1 NIC, one alone 11.9
+    assert fields["inter"]["bandwidth_GBps"] == pytest.approx(0.012)
+    links["inter_one_lane"]["bandwidth_GBps"] = 0.0125
+    assert topology_fields(cfg, ctx, compute, links, "mine")["inter"]["bandwidth_GBps"] == pytest.approx(0.0125)
+    assert (fields["nodes"], fields["ranks_per_node"], fields["nics_per_node"]) == (2, 2, 1)
+    text = render_yaml(fields, Shape(1, 2048, 8, 2, 64), compute, links, ["a header"])
+    (tmp_path / "topology").mkdir()
+    (tmp_path / "topology" / "mine.yaml").write_text(text)
+    loaded = yaml.safe_load(text)
+    assert set(loaded) == SHIPPED_FIELDS
+    composed = OmegaConf.to_container(compose(["+topology=mine"], config_dir=tmp_path).topology)
+    for key, value in fields.items():
+        if isinstance(value, (float, dict)):
+            assert composed[key] == pytest.approx(value, rel=1e-3), key
+        else:
+            assert composed[key] == value, key
+    planned = Topology.from_config(composed)
+    assert planned.compute_tflops == pytest.approx(0.0123) and planned.nics_per_node == 1
+    assert planned.rank_to_node == (0, 1, 0, 1)  # cyclic, as the calibration job ran
+
+
+def test_lanes_pair_ranks_by_their_discovered_nodes() -> None:
+    lanes = Lanes.of(Topology.discover(["a", "b", "a", "b"]))  # SLURM's cyclic placement
+    assert lanes.nodes == [[0, 2], [1, 3]]
+    assert [lanes.intra_peers(r) for r in range(4)] == [(2, 2), (3, 3), (0, 0), (1, 1)]
+    assert [lanes.inter_peers(r, 2) for r in range(4)] == [(1, 1), (0, 0), (3, 3), (2, 2)]
+    assert [lanes.inter_peers(r, 1) for r in range(4)] == [(1, 1), (0, 0), None, None]
+    three = Lanes.of(Topology.discover(["a", "a", "b", "b", "c", "c"]))
+    assert [three.inter_peers(r, 2) for r in range(6)] == [(2, 4), (3, 5), (4, 0), (5, 1), (0, 2), (1, 3)]
+    assert Lanes.of(Topology.discover(["a"])).intra_peers(0) is None
+
+
+def test_model_flops_are_the_cost_models() -> None:
+    """compute_tflops = forward_flops / time must give back the plan's block compute time."""
+    from ringctl.plan import Workload, estimate
+
+    shape = Shape(1, 2048, 8, 2, 64)
+    topology = Topology((2, 2), compute_tflops=0.02)
+    plan = make_plan(topology, algorithm="flat")
+    cost = estimate(plan, Workload(1, 2048, 8, 2, 64, "float32", True))
+    blocks_seconds = shape.forward_flops(4) / 0.02e12  # the W blocks one rank computes
+    assert cost.compute_s["forward"] * 4 == pytest.approx(blocks_seconds)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["workload=attention"], "workload='attention' is invalid; allowed: calibrate only"),
+        (["--out", "x.txt"], "--out='x.txt' is invalid; allowed: a file path ending in .yaml"),
+        (["--name", "emulated2node"], "--name='emulated2node' is invalid; allowed: a name ringctl does not ship"),
+        (["--bogus"], "option='--bogus' is invalid"),
+        (["workload.seq_len=1001", "+topology=2node", "launcher=local"], "workload.seq_len=1001 is invalid"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_submits_nothing(args: list[str], message: str, tmp_path: Path) -> None:
+    done = ringctl(["calibrate", *args], tmp_path / "runs")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def readme_commands() -> list[str]:
+    """The README's `ringctl calibrate` example: its two command lines, as written."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("### Measuring it: `ringctl calibrate`", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_example_runs_locally_writes_the_topology_and_logs_the_figures(tmp_path: Path) -> None:
+    """The README's two commands exactly as written (a shell, HOME=tmp_path, no SLURM: local)."""
+    calibrate, plan = readme_commands()
+    assert calibrate.startswith("ringctl calibrate ") and plan.startswith("ringctl plan ")
+    runs = tmp_path / "runs"
+    dropped = ("SLURM_CONF", "WANDB_API_KEY", "RINGCTL_MAX_RANKS_PER_NODE", "RINGCTL_CONFIG_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(HOME=str(tmp_path), RINGCTL_RUNS=str(runs), WANDB_SILENT="true",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "-c", calibrate], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    path = tmp_path / "ringctl-conf" / "topology" / "mycluster.yaml"
+    assert f"topology: {path}" in done.stdout
+    assert f"ringctl plan --config-dir {path.parent.parent} +topology=mycluster" in done.stdout
+    [entry] = [json.loads(line) for line in (runs / "index.jsonl").read_text().splitlines()]
+    folder = Path(entry["folder"])
+    results = json.loads((folder / "results.json").read_text())
+    written = yaml.safe_load(path.read_text())
+    assert set(written) == SHIPPED_FIELDS and written["name"] == "mycluster"
+    assert yaml.safe_load((folder / "topology" / "mycluster.yaml").read_text()) == written  # a copy in the job folder
+    assert results["topology"]["compute_tflops"] == pytest.approx(written["compute_tflops"], rel=1e-3)
+    assert (written["nodes"], written["ranks_per_node"], written["gpus_per_node"]) == (2, 2, 0)
+    cal = results["calibration"]
+    assert cal["compute"]["block_tokens"] == 2048 // 4 and cal["shape"]["seq_len"] == 2048
+    assert cal["intra"]["bandwidth_GBps"] > 0 and cal["inter"]["bandwidth_GBps"] > 0
+    # the same figures in the W&B run, read back from its file
+    [run_file] = [p for p in folder.glob("wandb/offline-run-*/run-*.wandb")]
+    logged = summary(run_file)
+    assert logged["calibrate/compute_tflops"] == pytest.approx(cal["compute"]["compute_tflops"])
+    assert logged["calibration/inter/latency_us"] == pytest.approx(cal["inter"]["latency_us"])
+    # the README's second command: the file plans from the config directory
+    shown = subprocess.run(["bash", "-c", plan + " --json"], check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["world_size"] == 4
+
+
+# ---- on the dev cluster with the emulated fabric ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fabric_cluster() -> Iterator[DevCluster]:
+    with running_cluster(
+        "calibrate", nodes=2, cpus=8, prefix=f"cal{os.getpid() % 100000}n", fabric=f"inter={FABRIC_MBIT}mbit,nics=1"
+    ) as cluster:
+        yield cluster
+
+
+def test_calibrated_topology_recovers_the_fabric_and_predicts_the_job(fabric_cluster: DevCluster, tmp_path: Path) -> None:
+    runs, conf = tmp_path / "runs", tmp_path / "conf"
+    env = {"SLURM_CONF": str(fabric_cluster.slurm_conf)}
+    out = conf / "topology" / "measured2node.yaml"
+    load_before = os.getloadavg()
+    shape = ["workload.kv_heads=8"]
+    cal = ringctl(["calibrate", "+topology=emulated2node", "launcher=slurm", *shape, "--out", str(out)], runs, env)
+    assert cal.returncode == 0, cal.stdout + cal.stderr
+    assert f"topology: {out}" in cal.stdout
+    written = yaml.safe_load(out.read_text())
+    assert set(written) == SHIPPED_FIELDS
+    assert (written["nodes"], written["ranks_per_node"], written["nics_per_node"]) == (2, 2, 1)
+    assert written["distribution"] == "cyclic" and written["name"] == "measured2node"
+    rate = written["inter"]["bandwidth_GBps"] * 1e9
+
+    plan = ringctl(["plan", "--config-dir", str(conf), "+topology=measured2node", *shape, "--json"], runs, env)
+    assert plan.returncode == 0, plan.stderr
+    predicted = json.loads(plan.stdout)
+    job = ringctl(
+        ["launch", "--config-dir", str(conf), "+topology=measured2node", "launcher=slurm", *shape, "workload.iters=5",
+         "wandb=disabled"],
+        runs, env,
+    )
+    assert job.returncode == 0, job.stdout + job.stderr
+    [folder] = [Path(e["folder"]) for e in map(json.loads, (runs / "index.jsonl").read_text().splitlines()) if e["name"] == "ringctl"]
+    results = json.loads((folder / "results.json").read_text())
+    # what `ringctl plan` showed is what ran
+    assert results["plan"]["ring_order"] == predicted["ring_order"]
+    assert results["plan"]["predicted_forward_time_s"] == pytest.approx(predicted["predicted_forward_time_s"])
+    measured = min(results["times"]["fwd_s"])
+    error = (predicted["predicted_forward_time_s"] - measured) / measured
+    print(
+        f"\ntbf {TBF_BYTES_PER_S / 1e6:.2f} MB/s, calibrated inter {rate / 1e6:.2f} MB/s per NIC "
+        f"({(rate - TBF_BYTES_PER_S) / TBF_BYTES_PER_S:+.1%}); compute {written['compute_tflops'] * 1e3:.1f} GFLOP/s per rank; "
+        f"{predicted['ring']} ring forward predicted {predicted['predicted_forward_time_s'] * 1e3:.1f} ms, "
+        f"measured {measured * 1e3:.1f} ms (least of {len(results['times']['fwd_s'])}; median "
+        f"{results['times']['fwd_median_s'] * 1e3:.1f}): {error:+.1%}; load average {load_before} -> {os.getloadavg()}"
+    )
+    assert abs(rate - TBF_BYTES_PER_S) <= 0.15 * TBF_BYTES_PER_S
+    assert abs(error) <= 0.25
