@@ -2,14 +2,15 @@
 # files (a virtual environment in .venv, CPU torch pinned by constraints-cpu.txt), so a
 # fresh clone needs nothing installed by hand.
 #   make launch   run the main job on the embedded default (local emulated 2-node cluster)
-#   make test     run the whole test suite (starts and stops a real SLURM dev cluster)
+#   make test     lint (ruff, mypy, shellcheck), then the whole test suite (starts and stops
+#                 a real SLURM dev cluster)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install launch test slurm-packages clean
+.PHONY: install launch test lint slurm-packages clean
 
 install: $(STAMP)
 
@@ -25,7 +26,14 @@ launch: $(STAMP)
 slurm-packages:
 	bash slurm/dev-cluster install
 
-test: $(STAMP) slurm-packages
+# the checks that keep the house: linter, type checker, shell scripts (versions pinned in
+# pyproject's `lint` extra)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/shellcheck slurm/dev-cluster slurm/sbatch-example.sh tests/run.sh .ci/run
+
+test: $(STAMP) slurm-packages lint
 	bash tests/run.sh
 
 clean:

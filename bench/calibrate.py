@@ -140,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shape = Shape(args.batch, args.seq_len, args.heads, args.kv_heads, args.head_dim)
+    result: dict[str, Any] | None  # None: a rank other than 0 under srun (rank 0 reports)
     if args.local:
         found = re.fullmatch(r"(\d+)x(\d+)", args.local)
         if not found or int(found.group(1)) < 1 or int(found.group(2)) < 1:

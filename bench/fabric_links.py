@@ -28,11 +28,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# the dev cluster's driver and the probes live with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from slurm_cluster import DevCluster, start, stop
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
-sys.path.insert(0, str(TESTS))  # the dev cluster's driver and the probes live with the tests
-
-from slurm_cluster import DevCluster, start, stop
 
 UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 

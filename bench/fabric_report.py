@@ -124,7 +124,7 @@ def wandb_run(out: Path, group: str, summary: dict[str, Any], rows: list[dict[st
                  f"{key}/predicted_fwd_ms": 1e3 * p["predicted_fwd_s"], f"{key}/error": p["error"]}, step=step)
     if rows:
         columns = list(rows[0])
-        run.log({"table": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+        run.log({"table": wandb.Table(columns=list(columns), data=[[r[c] for c in columns] for r in rows]),
                  "sweep": wandb.Image(str(png))}, step=len(summary["points"]))
     for r in rows:
         run.summary[f"{r['scenario']}/S{r['seq_len']}/ratio"] = r["ratio_measured"]

@@ -197,14 +197,14 @@ def kernel_table(args) -> None:
         for causal in (False, True):
             p = Problem(args.batch, args.heads, s, args.head_dim, causal, DTYPES[args.dtype])
             errs = max_errors(p)
-            print(f"{s:>6} {str(causal):>6}   check | max |triton - flash| out {errs[0]:.2e} "
+            print(f"{s:>6} {causal!s:>6}   check | max |triton - flash| out {errs[0]:.2e} "
                   f"dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e}", flush=True)
             for bwd in phases:
                 tri = measure(kernel_fn(p, bwd), p, bwd, args)
                 fla = measure(sdpa_fn(p, SDPBackend.FLASH_ATTENTION, bwd), p, bwd, args)
                 cud = measure(sdpa_fn(p, SDPBackend.CUDNN_ATTENTION, bwd), p, bwd, args)
                 phase = "fwd+bwd" if bwd else "fwd"
-                print(f"{s:>6} {str(causal):>6} {phase:>7} | {fmt(tri)} {fmt(fla)} {fmt(cud)} | "
+                print(f"{s:>6} {causal!s:>6} {phase:>7} | {fmt(tri)} {fmt(fla)} {fmt(cud)} | "
                       f"{ratio(tri, fla):>6} {ratio(tri, cud):>6}", flush=True)
                 torch.cuda.empty_cache()
 
@@ -226,7 +226,7 @@ def blockwise_table(args) -> None:
                     blk = measure(blockwise_fn(p, world, bwd), p, bwd, args)
                     fla = measure(sdpa_fn(p, SDPBackend.FLASH_ATTENTION, bwd), p, bwd, args)
                     phase = "fwd+bwd" if bwd else "fwd"
-                    print(f"{s:>6} {world:>3} {str(causal):>6} {phase:>7} | {fmt(blk)} {fmt(fla)} | "
+                    print(f"{s:>6} {world:>3} {causal!s:>6} {phase:>7} | {fmt(blk)} {fmt(fla)} | "
                           f"{ratio(blk, fla):>6}", flush=True)
                     torch.cuda.empty_cache()
 

@@ -60,10 +60,10 @@ class Shape:
 def _sdpa_step(shape: Shape) -> Callable[[], None]:
     """fwd+bwd of SDPA on the whole sequence (run by one process)."""
     q, k, v, dout = (x.transpose(1, 2) for x in shape.inputs())
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    lq, lk, lv = leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
     def step() -> None:
-        out = F.scaled_dot_product_attention(*leaves, is_causal=shape.causal, enable_gqa=True)
+        out = F.scaled_dot_product_attention(lq, lk, lv, is_causal=shape.causal, enable_gqa=True)
         torch.autograd.grad(out, leaves, dout)
 
     return step
@@ -96,11 +96,14 @@ def _contenders(rank: int, world: int, shape: Shape) -> dict[str, Callable[[], A
     # torch's load balance is round-robin (= zigzag) and it refuses it when not causal
     _cp_options.enable_load_balance = shape.causal
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    world_group = dist.group.WORLD
+    if world_group is None:
+        raise RuntimeError("torch.distributed is not initialised (_rank_main initialises it)")
 
     def torch_ring_fwd() -> torch.Tensor:
         with torch.no_grad():
             out, *_ = _templated_ring_attention(
-                dist.group.WORLD, 2, op, tq, tk, tv, is_causal=shape.causal
+                world_group, 2, op, tq, tk, tv, is_causal=shape.causal
             )
         return out.transpose(1, 2)
 
@@ -157,7 +160,7 @@ def measure(
     ]
     for proc in procs:
         proc.start()
-    reports = []
+    reports: list[tuple[int, list[dict[str, float]], float]] = []
     while len(reports) < world:
         try:
             reports.append(results.get(timeout=5))
@@ -166,7 +169,7 @@ def measure(
             if dead or all(p.exitcode is not None for p in procs):
                 for proc in procs:
                     proc.kill()
-                raise RuntimeError(f"bench ranks exited without results (exit codes {dead})")
+                raise RuntimeError(f"bench ranks exited without results (exit codes {dead})") from None
     for proc in procs:
         proc.join()
     reports.sort(key=lambda r: r[0])

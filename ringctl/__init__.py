@@ -26,7 +26,7 @@ _LAZY = {
     "RingContext": "ringctl.context",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = list(_LAZY)  # a list, not sorted(): linters read __all__ only as a list or tuple
 
 
 def __getattr__(name: str) -> Any:

@@ -341,7 +341,7 @@ def _allowed_keys(overrides: Sequence[str], key: str) -> str:
                 node = hydra_compose(config_name=CONFIG_NAME, overrides=kept)
         for part in filter(None, parent.split(".")):
             node = node[part]
-    except Exception:
+    except Exception:  # only a hint inside an error being reported: never mask that error  # noqa: BLE001
         return "see `ringctl launch --cfg job`"
     if not isinstance(node, DictConfig):
         return "see `ringctl launch --cfg job`"
@@ -354,12 +354,13 @@ def _allowed_keys(overrides: Sequence[str], key: str) -> str:
 def _unparsable(overrides: Sequence[str]) -> str | None:
     """The first override Hydra's grammar cannot parse, if any."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     parser = OverridesParser.create()
     for item in overrides:
         try:
             parser.parse_overrides([item])
-        except Exception:
+        except HydraException:  # the parser reports every grammar error as one
             return item
     return None
 
@@ -391,7 +392,7 @@ def config_error_from(exc: Exception, overrides: Sequence[str]) -> ConfigError:
     key = found.group(1) if found else ""
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         full_key = str(cause.full_key)
-        if "not in struct" in str(cause) or "Key '" in str(cause) and "not in" in str(cause):
+        if "not in struct" in str(cause) or ("Key '" in str(cause) and "not in" in str(cause)):
             key = key or full_key
             return ConfigError(key, _override_value(overrides, key), _allowed_keys(overrides, key))
         key = full_key

@@ -184,7 +184,7 @@ class _Gather(torch.autograd.Function):
     and keeps this rank's tokens (gloo has no reduce_scatter; the shard is not contiguous)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, ring: RingContext, dim: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, ring: RingContext, dim: int) -> torch.Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(ring.world_size)]
         dist.all_gather(parts, x, group=ring.group)
@@ -193,7 +193,7 @@ class _Gather(torch.autograd.Function):
         return unshard_sequence(by_position, layout=ring.layout, dim=dim)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         total = grad.contiguous().clone()
         dist.all_reduce(total, group=ctx.ring.group)
         return ctx.ring.shard(total, ctx.dim), None, None

@@ -256,7 +256,7 @@ class RingPlan:
             N, L = self.nodes, self.inner_size
             return {"intra": N * (L - 1) * kv, "inter": (N * kv if N > 1 else 0)}
         counts = {link: 0 for link in LINKS}
-        for src, _dst, link, _ring in self.edges():
+        for _src, _dst, link, _ring in self.edges():
             counts[link] += 1
         return {link: counts[link] * kv for link in LINKS}
 

@@ -197,8 +197,8 @@ class Topology:
         for node in names:
             placement.append(index.setdefault(node, len(index)))
         counts = [0] * len(index)
-        for node in placement:
-            counts[node] += 1
+        for node_index in placement:
+            counts[node_index] += 1
         return cls(
             ranks_per_node=tuple(counts),
             intra=intra or LinkClass("intra", 450.0, 2.0),

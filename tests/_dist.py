@@ -50,7 +50,7 @@ def _entry(
             results.put((rank, True, fn(rank, world_size, *args)))
         finally:
             dist.destroy_process_group()
-    except BaseException:  # report anything to the parent instead of dying silently
+    except BaseException:  # report anything to the parent instead of dying silently  # noqa: BLE001
         results.put((rank, False, traceback.format_exc()))
 
 

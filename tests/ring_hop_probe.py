@@ -45,7 +45,7 @@ def main() -> None:
             received = comm.hop(tensor, peer, peer, tag=0).wait()
             if i:
                 seconds.append(time.perf_counter() - start)
-            if not torch.equal(received, torch.full_like(tensor, float(peer))):
+            if not isinstance(received, torch.Tensor) or not torch.equal(received, torch.full_like(tensor, float(peer))):
                 raise RuntimeError(f"rank {rank}: received data is not rank {peer}'s")
         print(json.dumps({
             "rank": rank, "peer": peer, "ifname": os.environ.get("GLOO_SOCKET_IFNAME"),

@@ -15,6 +15,7 @@ from ringctl.config import CONF_DIR
 from ringctl.topology import Topology
 
 SPEC = importlib.util.spec_from_file_location("calibrate", Path(__file__).resolve().parent.parent / "bench" / "calibrate.py")
+assert SPEC is not None and SPEC.loader is not None  # a .py file always has both
 calibrate = importlib.util.module_from_spec(SPEC)
 sys.modules["calibrate"] = calibrate  # dataclasses look their module up there
 SPEC.loader.exec_module(calibrate)

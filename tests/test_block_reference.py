@@ -8,6 +8,7 @@ ringctl.ring.block except the contract.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,13 +20,21 @@ B, HQ, HKV, D = 2, 4, 2, 16
 PATHS = ("flash", "matmul")
 
 
-def _naive(q, k, v, scale, q_pos, k_pos):  # type: ignore[no-untyped-def]
+def _naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) by definition; rows that see no key give out 0, lse -inf."""
     groups = q.shape[2] // k.shape[2]
     kk = k.repeat_interleave(groups, dim=2)
     vv = v.repeat_interleave(groups, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
     if q_pos is not None:
+        assert k_pos is not None, "q_pos and k_pos come together"
         s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
@@ -33,7 +42,7 @@ def _naive(q, k, v, scale, q_pos, k_pos):  # type: ignore[no-untyped-def]
 
 
 # (name, q positions, k positions): the block shapes the layouts produce, plus a general one
-CASES = {
+CASES: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {
     "no-mask": (None, None),
     "diagonal": (torch.arange(12), torch.arange(12)),
     "zigzag-below": (torch.tensor([4, 5, 6, 7, 8, 9]), torch.tensor([0, 1, 10, 11])),
@@ -44,7 +53,9 @@ CASES = {
 }
 
 
-def _inputs(case: str, dtype: torch.dtype = torch.float64):  # type: ignore[no-untyped-def]
+def _inputs(
+    case: str, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     q_pos, k_pos = CASES[case]
     sq = 10 if q_pos is None else q_pos.numel()
     sk = 7 if k_pos is None else k_pos.numel()
@@ -69,6 +80,11 @@ def test_forward_matches_definition(path: str, case: str) -> None:
     assert not out.isnan().any()
 
 
+def _prefixed(label: str) -> Callable[[str], str]:
+    """assert_close's message with `label` in front (bound now, not when it is called)."""
+    return lambda message: f"{label}: {message}"
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["no-mask", "zigzag-below", "striped-strict", "general"])
 def test_backward_sums_to_full_gradient(path: str, case: str) -> None:
@@ -86,7 +102,7 @@ def test_backward_sums_to_full_gradient(path: str, case: str) -> None:
     leaves = [x.clone().requires_grad_() for x in (q, k1, v1, k2, v2)]
     qr, k1r, v1r, k2r, v2r = leaves
     k_all, v_all = torch.cat([k2r, k1r], 1), torch.cat([v2r, v1r], 1)
-    k_pos_all = None if q_pos is None else torch.cat([k2_pos, k1_pos])
+    k_pos_all = None if k2_pos is None or k1_pos is None else torch.cat([k2_pos, k1_pos])
     ref, ref_lse = _naive(qr, k_all, v_all, scale, q_pos, k_pos_all)
     torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse.detach(), rtol=0, atol=1e-12)
@@ -99,7 +115,7 @@ def test_backward_sums_to_full_gradient(path: str, case: str) -> None:
     for name, got, want in zip(
         ("dq", "dk1", "dv1", "dk2", "dv2"), (dq1 + dq2, dk1, dv1, dk2, dv2), expected, strict=True
     ):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11, msg=_prefixed(name))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -109,6 +125,7 @@ def test_low_precision_returns_float32(dtype: torch.dtype) -> None:
     assert out.dtype == lse.dtype == torch.float32
     ref_out, ref_lse = _naive(q.double(), k.double(), v.double(), 0.25, q_pos, k_pos)
     torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
     dq, dk, dv = block.block_backward(
         out.to(dtype), q, k, v, out, lse, scale=0.25, q_pos=q_pos, k_pos=k_pos
     )
@@ -135,11 +152,11 @@ def test_merge_keeps_empty_rows_and_never_nans() -> None:
 
 
 def test_positions_must_come_in_pairs() -> None:
-    q, k, v, q_pos, k_pos = _inputs("diagonal")
+    q, k, v, q_pos, _ = _inputs("diagonal")
     with pytest.raises(ValueError, match="both"):
         block.block_forward(q, k, v, scale=1.0, q_pos=q_pos, k_pos=None)
     with pytest.raises(ValueError, match="k_pos must be a 1-D int64"):
-        block.block_forward(q, k, v, scale=1.0, q_pos=q_pos, k_pos=k_pos[:3])
+        block.block_forward(q, k, v, scale=1.0, q_pos=q_pos, k_pos=torch.arange(3))  # k has 12
 
 
 def test_impl_env_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:

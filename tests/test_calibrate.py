@@ -29,13 +29,13 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
-from slurm_cluster import DevCluster, running_cluster
 
 from ringctl.config import CONF_DIR, compose
 from ringctl.plan import make_plan
 from ringctl.runlog import summary
 from ringctl.topology import Topology
 from ringctl.workloads.calibrate import Lanes, Shape, render_yaml, topology_fields
+from slurm_cluster import DevCluster, running_cluster
 
 FABRIC_MBIT = 100
 TBF_BYTES_PER_S = FABRIC_MBIT * 1e6 / 8
@@ -87,6 +87,7 @@ def test_written_topology_has_the_shipped_fields_and_composes_from_a_config_dir(
     loaded = yaml.safe_load(text)
     assert set(loaded) == SHIPPED_FIELDS
     composed = OmegaConf.to_container(compose(["+topology=mine"], config_dir=tmp_path).topology)
+    assert isinstance(composed, dict)
     for key, value in fields.items():
         if isinstance(value, (float, dict)):
             assert composed[key] == pytest.approx(value, rel=1e-3), key

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _dist import run_workers
 
+from _dist import run_workers
 from ringctl import (
     RingContext,
     RingPlan,
@@ -115,7 +115,7 @@ def _cyclic_worker(rank: int, world: int) -> dict[str, Any]:
     assert from_cfg.plan.algorithm == "hierarchical" and from_cfg.plan.ring_order == ctx.plan.ring_order
     assert from_cfg.topology is not None and from_cfg.topology.inter.bandwidth_GBps == 1.0
 
-    with pytest.raises(ValueError, match="plan.world_size=2"):
+    with pytest.raises(ValueError, match=r"plan\.world_size=2"):
         RingContext(plan=RingPlan.rank_order(2))
     with pytest.raises(ValueError, match="contradicts"):
         RingContext(plan=given, layout="zigzag")

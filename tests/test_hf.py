@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from _dist import run_workers
 
 pytest.importorskip("transformers")

@@ -25,7 +25,9 @@ _TRITON_COMPILED_MODE = "triton" in sys.modules and os.environ.get("TRITON_INTER
 os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -62,6 +64,7 @@ def reference(
     v = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if q_pos is not None:
+        assert k_pos is not None, "q_pos and k_pos come together"
         visible = k_pos[None, :] <= q_pos[:, None]
         s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
@@ -75,10 +78,11 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
     for _, lse_b in parts[1:]:
         lse = torch.logaddexp(lse, lse_b)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = 0
-    for out_b, lse_b in parts:
-        w = torch.exp(lse_b - safe)  # safe is finite, so -inf rows give weight 0
-        out = out + w.transpose(1, 2)[..., None] * out_b
+    # safe is finite, so -inf rows give weight 0
+    weighted = [torch.exp(lse_b - safe).transpose(1, 2)[..., None] * out_b for out_b, lse_b in parts]
+    out = weighted[0]
+    for part in weighted[1:]:
+        out = out + part
     return out, lse
 
 
@@ -137,8 +141,8 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0) -> tuple:
     vs = [rnd(case.batch, case.sk(i), case.hkv, case.head_dim) for i in range(len(case.k_pos))]
     dout = rnd(case.batch, case.sq, case.hq, case.head_dim)
     if case.masked:
-        q_pos = torch.tensor(case.q_pos)
-        k_pos = [torch.tensor(p) for p in case.k_pos]
+        q_pos: torch.Tensor | None = torch.tensor(case.q_pos)
+        k_pos: list[torch.Tensor | None] = [torch.tensor(p) for p in case.k_pos]
     else:
         q_pos, k_pos = None, [None] * len(case.k_pos)
     return q, ks, vs, dout, q_pos, k_pos
@@ -224,7 +228,7 @@ def _qkv(
     "kwargs, match",
     [
         ({"d": 48}, r"head_dim 48 .*allowed: \(16, 32, 64, 128\)"),
-        ({"dtype": torch.float64}, r"float64 .*torch reference"),
+        ({"dtype": torch.float64}, r"float64 .*torch path"),
         ({"hq": 3, "hkv": 2}, r"Hq \(3\) must be a multiple of Hkv \(2\)"),
     ],
     ids=["head_dim", "float64", "gqa"],
@@ -277,7 +281,7 @@ def _ring_worker(rank: int, world: int) -> list[dict]:
     kernels_used = []  # a spy on the real kernels: the dispatcher must route here
     real_forward = ringctl_kernels.block_forward
 
-    def counting_forward(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def counting_forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         kernels_used.append(1)
         return real_forward(*args, **kwargs)
 
@@ -301,10 +305,15 @@ def _ring_inputs(hq: int, hkv: int, seq: int = 48, d: int = 16) -> list[torch.Te
     return [torch.randn(s, generator=gen) for s in shapes]
 
 
+def _prefixed(label: str) -> Callable[[str], str]:
+    """assert_close's message with `label` in front (bound now, not when it is called)."""
+    return lambda message: f"{label}: {message}"
+
+
 def test_ring_attention_through_kernels_matches_sdpa() -> None:
-    from _dist import run_workers
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from _dist import run_workers
     from ringctl.ring import shard_sequence
 
     results = run_workers(_ring_worker, RING_WORLD)
@@ -312,9 +321,10 @@ def test_ring_attention_through_kernels_matches_sdpa() -> None:
     for i, (layout, causal, hq, hkv) in enumerate(RING_CASES):
         q, k, v, dout = (x.double() for x in _ring_inputs(hq, hkv))
         leaves = [x.requires_grad_() for x in (q, k, v)]
+        qt, kt, vt = (x.transpose(1, 2) for x in leaves)
         with sdpa_kernel(SDPBackend.MATH):
             ref = torch.nn.functional.scaled_dot_product_attention(
-                *(x.transpose(1, 2) for x in leaves), is_causal=causal, enable_gqa=True
+                qt, kt, vt, is_causal=causal, enable_gqa=True
             ).transpose(1, 2)
         ref_grads = torch.autograd.grad(ref, leaves, dout)
         for rank, per_rank in enumerate(results):
@@ -324,5 +334,5 @@ def test_ring_attention_through_kernels_matches_sdpa() -> None:
                 want = shard_sequence(w.detach(), rank, RING_WORLD, layout=layout)
                 torch.testing.assert_close(
                     torch.from_numpy(g).double(), want, atol=3e-5, rtol=1e-4,
-                    msg=lambda m, n=name, r=rank: f"{layout} causal={causal} rank {r} {n}: {m}",
+                    msg=_prefixed(f"{layout} causal={causal} rank {rank} {name}"),
                 )

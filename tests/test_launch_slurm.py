@@ -67,7 +67,7 @@ def cluster_env(cluster: Any) -> dict[str, str]:
     env = getattr(cluster, "env", None)
     if isinstance(env, dict):
         return {k: str(v) for k, v in env.items()}
-    return {"SLURM_CONF": str(getattr(cluster, "slurm_conf"))}
+    return {"SLURM_CONF": str(cluster.slurm_conf)}
 
 
 @pytest.fixture(scope="module")

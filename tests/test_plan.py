@@ -249,7 +249,7 @@ def test_overlap_threshold_is_exact() -> None:
 def test_hierarchical_overlap_is_L_times_looser() -> None:
     # no latency, one NIC per rank: flat needs s >= b/a, the outer ring s >= b/(L a)
     links = {"intra": {"bandwidth_GBps": 1000.0, "latency_us": 0.0}, "inter": {"bandwidth_GBps": 10.0, "latency_us": 0.0}}
-    t = topo((8, 8), nics_per_node=8, compute_tflops=100.0, **links)
+    t = topo((8, 8), "block", nics_per_node=8, compute_tflops=100.0, **links)
     work = Workload(batch=1, seq_len=16 * 2048, heads=8, kv_heads=8, head_dim=128, dtype="bfloat16", causal=False)
     # a = 4*8*128 / 1e14 s per (q, k) pair, b = 2*8*128*2 / 1e10 s per token: b/a = 1e4 tokens
     flat = estimate(make_plan(t, algorithm="flat"), work).min_block_tokens["forward"]["inter"]

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringctl.ring import LAYOUTS, ring_attention, shard_sequence
-
 from _dist import run_workers
+from ringctl.ring import LAYOUTS, ring_attention, shard_sequence
 
 WORLD_SIZES = (1, 2, 3, 4, 8)
 B, D, S_LOCAL = 2, 16, 12
@@ -69,7 +68,7 @@ def _run_case(
     """(ring out, dq, dk, dv on this rank's shard), (the same from float64 SDPA, sharded)."""
     q, k, v, dout = _full_inputs(seq, case, dtype, seed=seq + case.heads)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    ref = _sdpa(*leaves, case.causal)
+    ref = _sdpa(leaves[0], leaves[1], leaves[2], case.causal)
     ref_grads = torch.autograd.grad(ref, leaves, dout.double())
 
     def shard(x: torch.Tensor) -> torch.Tensor:
@@ -103,11 +102,12 @@ def _mismatch_errors(rank: int, world: int) -> dict[str, str]:
     """Arguments that differ between ranks: every rank must raise the same ValueError."""
     errors = {}
     s_local = 4 if rank == world - 1 else 6
-    for name, kwargs in (
+    mismatches: tuple[tuple[str, dict[str, Any]], ...] = (
         ("seq", {"s": s_local}),
         ("dtype", {"dtype": torch.float32 if rank == 0 else torch.float64}),
         ("causal", {"causal": rank == 0}),
-    ):
+    )
+    for name, kwargs in mismatches:
         s = kwargs.get("s", 6)
         dtype = kwargs.get("dtype", torch.float64)
         q = torch.zeros(1, s, 2, 8, dtype=dtype)
@@ -175,15 +175,15 @@ def _qkv(s: int = 4, hq: int = 4, hkv: int = 2, d: int = 8, **kw: Any) -> list[t
     [
         (lambda: _qkv(hq=3, hkv=2), {}, "Hq=3"),
         (lambda: _qkv(s=3), {}, "q.shape[1]=3"),
-        (lambda: _qkv(), {"layout": "spiral"}, "layout='spiral'"),
+        (_qkv, {"layout": "spiral"}, "layout='spiral'"),
         (lambda: [_qkv()[0], _qkv(s=2)[1], _qkv(s=2)[2]], {}, "k.shape=(1, 2, 2, 8)"),
         (lambda: [*_qkv()[:2], _qkv(d=4)[2]], {}, "v.shape"),
         (lambda: [_qkv()[0], _qkv(dtype=torch.float64)[1], _qkv()[2]], {}, "dtype torch.float64"),
         (lambda: [_qkv()[0], _qkv(device="meta")[1], _qkv()[2]], {}, "meta"),
         (lambda: _qkv(dtype=torch.int32), {}, "q.dtype=torch.int32"),
         (lambda: [torch.zeros(4, 4, 8), *_qkv()[1:]], {}, "q must have 4 dims"),
-        (lambda: _qkv(), {"causal": 1}, "causal=1"),
-        (lambda: _qkv(), {"softmax_scale": "big"}, "softmax_scale='big'"),
+        (_qkv, {"causal": 1}, "causal=1"),
+        (_qkv, {"softmax_scale": "big"}, "softmax_scale='big'"),
     ],
 )
 def test_bad_input_raises_value_error(make: Any, kwargs: dict[str, Any], fragment: str) -> None:
@@ -196,7 +196,7 @@ def test_plan_must_fit_the_group() -> None:
     from ringctl.plan import RingPlan
 
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="plan.world_size=2"):
+    with pytest.raises(ValueError, match=r"plan\.world_size=2"):
         ring_attention(q, k, v, plan=RingPlan.rank_order(2, "zigzag"))
-    with pytest.raises(ValueError, match="plan.layout='striped'"):
+    with pytest.raises(ValueError, match=r"plan\.layout='striped'"):
         ring_attention(q, k, v, plan=RingPlan.rank_order(1, "striped"))

@@ -95,10 +95,9 @@ def _check(rank: int, plan: RingPlan, causal: bool, dtype: torch.dtype) -> dict[
     failure = None
     if dtype == torch.float64:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        qt, kt, vt = (x.transpose(1, 2) for x in leaves)
         with sdpa_kernel(SDPBackend.MATH):
-            ref = F.scaled_dot_product_attention(
-                *(x.transpose(1, 2) for x in leaves), is_causal=causal, enable_gqa=True
-            ).transpose(1, 2)
+            ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True).transpose(1, 2)
         ref_grads = torch.autograd.grad(ref, leaves, dout)
         for name, got, want, atol in zip(
             ("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads),

@@ -45,5 +45,5 @@ def test_cpus_per_task_default_and_check() -> None:
     assert cpus_per_task({"cpus_per_task": None}, gpus_per_node=0) == 1
     assert cpus_per_task({"cpus_per_task": None}, gpus_per_node=4) == GPU_RANK_CPUS
     assert cpus_per_task({"cpus_per_task": 16}, gpus_per_node=4) == 16
-    with pytest.raises(ConfigError, match="launcher.cpus_per_task"):
+    with pytest.raises(ConfigError, match=r"launcher\.cpus_per_task"):
         cpus_per_task({"cpus_per_task": 0}, gpus_per_node=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from omegaconf import OmegaConf
 
 from ringctl.config import CONF_DIR, compose
@@ -68,7 +67,7 @@ def test_from_config_rejects(cfg: dict, key: str) -> None:
 
 
 def test_placement_must_match_counts() -> None:
-    with pytest.raises(ConfigError, match="topology.rank_to_node"):
+    with pytest.raises(ConfigError, match=r"topology\.rank_to_node"):
         Topology((2, 2), rank_to_node=(0, 0, 0, 1))
 
 
@@ -90,7 +89,7 @@ def test_discover_virtual_nodes() -> None:
     # two real hosts, cyclic numbering: each host's ranks (in rank order) cut into pairs
     two_hosts = Topology.discover(["x", "y"] * 4, virtual_node_size=2)
     assert two_hosts.rank_to_node == (0, 1, 0, 1, 2, 3, 2, 3)
-    with pytest.raises(ConfigError, match="topology.virtual_node_size"):
+    with pytest.raises(ConfigError, match=r"topology\.virtual_node_size"):
         Topology.discover(["h"] * 4, virtual_node_size=0)
 
 

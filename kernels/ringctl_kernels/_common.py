@@ -216,9 +216,7 @@ def keep_config(conf: triton.Config, block_m: str, block_n: str, rows: int, cols
         return False
     if bm > max(16, triton.next_power_of_2(rows)) or bn > max(16, triton.next_power_of_2(cols)):
         return False
-    if head_dim >= 128 and conf.num_stages > 3 and bm * bn >= 128 * 128:
-        return False
-    return True
+    return not (head_dim >= 128 and conf.num_stages > 3 and bm * bn >= 128 * 128)
 
 
 def prune(configs: list[triton.Config], block_m: str, block_n: str, rows: int, cols: int,

@@ -64,7 +64,7 @@ def main(command: str, argv: list[str]) -> int:
             _print_tables(ref.job_id, log)
             print(f"run file: {path}", flush=True)
     except BrokenPipeError:  # `ringctl metrics JOB | head`: the reader left, not an error
-        sys.stdout = None  # type: ignore[assignment]  # no second failure at exit
+        sys.stdout = None  # no second failure at exit
     return 0
 
 

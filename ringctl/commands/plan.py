@@ -85,7 +85,7 @@ def main(command: str, argv: list[str]) -> int:
         try:
             print(json.dumps(data), flush=True)
         except BrokenPipeError:  # `ringctl plan --json | head`: the reader left, not an error
-            sys.stdout = None  # type: ignore[assignment]  # no second failure at exit
+            sys.stdout = None  # no second failure at exit
             return 0
     else:
         from ringctl.report import print_report
