@@ -469,16 +469,18 @@ def _write_error(state: _Attempt, text: str) -> None:
         pass
 
 
-def _finish_metrics(state: _Attempt, *, failed: bool = False, preempting: bool = False, timeout_s: float = 10.0) -> None:
+def _finish_metrics(state: _Attempt, *, failed: bool = False, preempting: bool = False, timeout_s: float = 10.0) -> bool:
     """W&B's finish, bounded: a stuck upload never keeps a failing or stopping rank alive
-    (SLURM kills a requeued job's processes KillWait seconds after SIGTERM)."""
+    (SLURM kills a requeued job's processes KillWait seconds after SIGTERM). True when the
+    run's data is safe: finished cleanly (SLURM's SIGTERM also kills W&B's own service
+    process, and with it what it had not written yet)."""
     if state.ctx is None or state.ctx.metrics is None:
-        return
-    worker = threading.Thread(
-        target=lambda: state.ctx.metrics.finish(failed=failed, preempting=preempting), daemon=True  # type: ignore[union-attr]
-    )
+        return True
+    metrics = state.ctx.metrics
+    worker = threading.Thread(target=lambda: metrics.finish(failed=failed, preempting=preempting), daemon=True)
     worker.start()
     worker.join(timeout=timeout_s)
+    return bool(getattr(metrics, "finished", True)) and not worker.is_alive()
 
 
 def _failed(state: _Attempt, exc: BaseException) -> None:
@@ -574,8 +576,11 @@ def _stopped(state: _Attempt, stop: StopJob) -> None:
         if left > 0:
             reason = f"time limit or preemption warning {where}: requeued ({left - 1} requeues left)"
             if state.rank == 0:
-                _finish_metrics(state, preempting=True)
-                record_attempt(state.folder, {"attempt": state.attempt, "event": "requeue", "step": stop.step, "time": time.time(), "reason": reason})
+                safe = _finish_metrics(state, preempting=True)
+                record_attempt(state.folder, {
+                    "attempt": state.attempt, "event": "requeue", "step": stop.step, "time": time.time(),
+                    "reason": reason, "wandb_finished": safe,
+                })
                 try:
                     _requeue(state)
                 except (OSError, subprocess.SubprocessError) as exc:
@@ -615,13 +620,18 @@ def _end_stopped(state: _Attempt, failure: Any, *, failed: bool, record: bool = 
 
     _STOP.exiting = True
     if state.rank == 0:
+        event = {
+            "attempt": state.attempt, "event": "stopped", "step": state.ctx.progress.get("step") if state.ctx else None,
+            "time": time.time(), "reason": failure.reason,
+        }
         results = _failure_results(state, failure, failure.reason)
+        results["attempts"].append(event)
         if not failed:
             results["stopped"] = failure.reason
             results.pop("error")
-        write_results(state.folder, results)
-        record_attempt(state.folder, {"attempt": state.attempt, "event": "stopped", "time": time.time(), "reason": failure.reason})
-        _finish_metrics(state, failed=failed, preempting=not failed, timeout_s=3.0)
+        write_results(state.folder, results)  # first: SLURM's SIGKILL may follow its SIGTERM soon
+        event["wandb_finished"] = _finish_metrics(state, failed=failed, preempting=not failed, timeout_s=3.0)
+        record_attempt(state.folder, event)
     if record:
         state.heartbeat.finish("stopped" if not failed else "failed", "signal", failure.reason)
 

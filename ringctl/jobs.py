@@ -3,8 +3,10 @@
 Library code under both the CLI (`ringctl launch`, `status`, `logs`, `cancel`) and the Hydra
 sweep plugin, so neither imports the other. A job is found through the index `ringctl launch`
 keeps (<runs root>/index.jsonl: job id -> job folder) or given as its folder; its state
-comes from SLURM (sacct through submitit) or, for local jobs, from the controller process
-and submitit's result files.
+comes from SLURM (one `sacct` call for all the jobs asked about) or, for local jobs, from
+the controller process (checked to be that job's by its start time) and the job folder.
+A failed job's first cause comes from the ranks' records in the job folder
+(ringctl.health): the rank that raised, died or went silent, and its node.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -20,11 +23,23 @@ from typing import Any
 
 # submitit/SLURM state -> what the progress display shows
 STAGES = {
-    "PENDING": "queued", "REQUEUED": "queued", "CONFIGURING": "queued", "UNKNOWN": "queued",
-    "NO PROCESS AND NO RESULT": "queued", "RUNNING": "running", "COMPLETING": "running",
-    "COMPLETED": "done", "FINISHED": "done", "CANCELLED": "cancelled",
+    "PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
+    "CONFIGURING": "queued", "UNKNOWN": "queued", "NO PROCESS AND NO RESULT": "queued",
+    "RESIZING": "running", "SUSPENDED": "running", "SIGNALING": "running", "STAGE_OUT": "running",
+    "RUNNING": "running", "COMPLETING": "running", "CANCELLING": "running",
+    "COMPLETED": "done", "FINISHED": "done", "CANCELLED": "cancelled", "STOPPED": "cancelled",
 }
 COLORS = {"queued": "yellow", "running": "cyan", "done": "green", "failed": "red", "cancelled": "magenta"}
+#: SLURM states after which the job will not run again (PREEMPTED only when it stays so:
+#: a preempted job with --requeue passes through it on its way back to PENDING)
+TERMINAL = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+    "DEADLINE", "REVOKED", "FINISHED", "STOPPED",
+}
+#: seconds a PREEMPTED state must persist before a follower takes it as final
+PREEMPTED_FINAL_S = 60.0
+#: seconds without an answer from SLURM (sacct) before `ringctl launch` stops following
+LOST_CONTACT_S = 600.0
 
 
 def console() -> Any:
@@ -39,21 +54,79 @@ def stage(state: str) -> str:
     state = state.upper()
     if state.startswith("CANCELLED"):
         return "cancelled"
-    return STAGES.get(state, "failed")
+    return STAGES.get(state.split()[0] if state else state, "failed")
+
+
+def is_terminal(state: str) -> bool:
+    return state.upper().split(" ")[0] in TERMINAL if state else False
 
 
 CANCELLED_MARK = "ringctl_cancelled"  # written into a local job's folder by `ringctl cancel`
 
 
+# ---- SLURM: one sacct call for many jobs --------------------------------------------------
+
+
+class SlurmUnreachable(RuntimeError):
+    """sacct gave no answer (slurmdbd or slurmctld down, no SLURM here): carries its text."""
+
+
+def slurm_states(job_ids: list[str], timeout: float = 30) -> dict[str, str]:
+    """job id -> SLURM state for all of `job_ids` with ONE sacct call ("CANCELLED by 0" ->
+    "CANCELLED"); an id sacct does not know yet is left out. Array tasks ("123_4") are asked
+    by their array id and read from its rows ("123_[5-7]" while pending)."""
+    if not job_ids:
+        return {}
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(bases)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmUnreachable(f"sacct: {exc}") from exc
+    if done.returncode != 0:
+        raise SlurmUnreachable(f"sacct: {(done.stderr or done.stdout).strip() or f'exit {done.returncode}'}")
+    return _read_sacct(done.stdout)
+
+
+def _read_sacct(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        job, _, state = line.partition("|")
+        job, state = job.strip(), state.strip().split(" ")[0]
+        if not job or "." in job or not state:
+            continue
+        if "_[" in job:  # pending array tasks: 123_[5-7%2] or 123_[1,3]
+            base, _, rest = job.partition("_[")
+            for part in rest.rstrip("]").split("%")[0].split(","):
+                lo, _, hi = part.partition("-")
+                if lo.isdigit():
+                    for i in range(int(lo), int(hi or lo) + 1):
+                        out[f"{base}_{i}"] = state
+        else:
+            out[job] = state
+    return out
+
+
+# ---- jobs on disk ----------------------------------------------------------------------------
+
+
 @dataclass
 class JobRef:
-    """A job found on disk: its id, folder and backend."""
+    """A job found on disk: its id, folder and backend (and a local controller's identity)."""
 
     job_id: str
     folder: Path
     kind: str  # slurm | local
     name: str = ""
     overrides: tuple[str, ...] = ()
+    pid_start: int | None = None  # local: the controller's start time (ringctl.health.process_start_time)
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> JobRef:
+        return cls(
+            entry["job_id"], Path(entry["folder"]), entry["kind"], entry.get("name", ""),
+            tuple(entry.get("overrides", ())), entry.get("pid_start"),
+        )
 
     def submitit_job(self) -> Any:
         import submitit
@@ -72,20 +145,55 @@ class JobRef:
         except (OSError, EOFError, pickle.UnpicklingError):
             return None
 
-    def state(self) -> str:
-        """SLURM's state (sacct) or, locally: RUNNING / COMPLETED / FAILED / CANCELLED."""
+    def results(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.folder / "results.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def controller_alive(self) -> bool:
+        """A local job's controller still runs: the pid exists, is no zombie, and is the
+        same process that was recorded (its start time), not a later one reusing the pid."""
+        if not self.job_id.isdigit():
+            return False
+        pid = int(self.job_id)
+        if not _alive(pid):
+            return False
+        if self.pid_start is not None:
+            from ringctl.health import process_start_time
+
+            return process_start_time(pid) == self.pid_start
+        return _cmdline_mentions(pid, str(self.folder.parent))
+
+    def state(self, slurm_state: str | None = None) -> str:
+        """SLURM's state (sacct; pass it when already asked for many jobs at once) or,
+        locally: RUNNING / COMPLETED / FAILED / CANCELLED."""
         outcome = self.task_outcome()
         if self.kind == "slurm":
-            state = str(self.submitit_job().state)
+            if slurm_state is None:
+                try:
+                    slurm_state = slurm_states([self.job_id]).get(self.job_id, "PENDING")
+                except SlurmUnreachable:
+                    slurm_state = "UNKNOWN"
+            state = slurm_state
             if state.upper() in ("UNKNOWN", "", "RUNNING", "COMPLETING") and outcome is not None:
                 # sacct lags behind the result file rank 0 writes as it ends
                 return "COMPLETED" if outcome == "success" else "FAILED"
             return state
+        alive = self.controller_alive()
         if (self.folder / CANCELLED_MARK).exists():
-            return "CANCELLED"
+            return "CANCELLING" if alive else "CANCELLED"
+        if alive:
+            return "RUNNING"
         if outcome is not None:
             return "COMPLETED" if outcome == "success" else "FAILED"
-        return "RUNNING" if _alive(int(self.job_id)) else "FAILED"
+        results = self.results() or {}
+        return "STOPPED" if results.get("stopped") and not results.get("error") else "FAILED"
+
+    def failure(self) -> Any:
+        """The first cause of this job's latest attempt (ringctl.health.Failure), or None."""
+        return job_failure(self.folder, self.job_id, self.kind)
 
 
 def _alive(pid: int) -> bool:
@@ -96,9 +204,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:  # a zombie (finished, parent not reaped yet) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _cmdline_mentions(pid: int, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def find(spec: str, root: Path) -> JobRef:
@@ -107,7 +222,7 @@ def find(spec: str, root: Path) -> JobRef:
 
     for entry in reversed(read_index(root)):
         if entry["job_id"] == spec:
-            return JobRef(entry["job_id"], Path(entry["folder"]), entry["kind"], entry.get("name", ""), tuple(entry.get("overrides", ())))
+            return JobRef.from_entry(entry)
     path = Path(spec)
     if path.is_dir():
         submitted = sorted(path.glob("*_submitted.pkl"))
@@ -116,7 +231,7 @@ def find(spec: str, root: Path) -> JobRef:
             kind = "slurm" if list(path.glob("*_submission.sh")) or not job_id.isdigit() else "local"
             for entry in read_index(root):
                 if Path(entry["folder"]).resolve() == path.resolve():
-                    kind = entry["kind"]
+                    return JobRef.from_entry(entry)
             return JobRef(job_id, path.resolve(), kind)
     raise LookupError(
         f"job {spec!r} not found: not a job id in {root / 'index.jsonl'} nor a job folder "
@@ -124,22 +239,162 @@ def find(spec: str, root: Path) -> JobRef:
     )
 
 
+# ---- the first cause of a failure ------------------------------------------------------------
+
+
+def _world_size(folder: Path, attempt: int) -> int:
+    from ringctl.health import read_records
+
+    try:
+        res = json.loads((folder / "results.json").read_text())["config"]["resources"]
+        return int(res["nodes"]) * int(res["ranks_per_node"])
+    except (OSError, ValueError, KeyError, TypeError):
+        records = read_records(folder, attempt)
+        return max(records) + 1 if records else 0
+
+
+def _task_exits(folder: Path, job_id: str, kind: str, attempt: int) -> dict[int, str]:
+    """How each task ended as the launcher saw it: the local controller's record, or srun's
+    `task N: Killed` lines in the batch script's error log."""
+    from ringctl.health import srun_exits
+
+    if kind == "local":
+        try:
+            data = json.loads((folder / f"{job_id}_exits.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if int(data.get("attempt", -1)) != attempt:
+            return {}
+        return {int(r): str(how) for r, how in data.get("exits", {}).items()}
+    try:
+        text = (folder / f"{job_id}_0_log.err").read_text(errors="replace")
+    except OSError:
+        return {}
+    # this attempt's lines only: after the last requeue SLURM appended to the same file
+    marker = text.rfind("DUE TO JOB REQUEUE")
+    return srun_exits(text[marker:] if marker >= 0 and attempt > 0 else text)
+
+
+def job_failure(folder: Path, job_id: str, kind: str) -> Any:
+    """The first cause of the latest attempt of an ended job (ringctl.health.diagnose with
+    every process gone), or None when the ranks left no records."""
+    from ringctl.health import diagnose, latest_attempt
+
+    attempt = latest_attempt(folder)
+    if attempt is None:
+        return None
+    world = _world_size(folder, attempt)
+    if world <= 0:
+        return None
+    return diagnose(folder, attempt, world, ended=True, exits=_task_exits(folder, job_id, kind, attempt))
+
+
+def root_cause(folder: Path, job_id: str = "", kind: str = "slurm") -> str | None:
+    """What `ringctl launch` prints for a failed job: the rank that failed first and its
+    node (its traceback when its own code raised), then the ranks that failed after it."""
+    failure = job_failure(folder, job_id or _job_id_of(folder), kind)
+    if failure is None:
+        return None
+    if failure.rank < 0:
+        return f"attempt {failure.attempt}: {failure.reason}"
+    lines = [f"rank{failure.rank} failed first (node {failure.node}, attempt {failure.attempt}): {failure.reason}"]
+    if failure.others:
+        lines[0] += f" (then {', '.join(f'rank{r}' for r in failure.others)} failed too)"
+    error = folder / f"rank{failure.rank}.error"
+    if failure.kind == "error" and error.exists():
+        lines.append(error.read_text().rstrip())
+    return "\n".join(lines)
+
+
+def _job_id_of(folder: Path) -> str:
+    submitted = sorted(folder.glob("*_submitted.pkl"))
+    return submitted[0].name[: -len("_submitted.pkl")] if submitted else ""
+
+
 # ---- following jobs: live progress, then the result summary -------------------------------
 
 
-def follow(jobs: list[Any], poll_s: float = 1.0) -> int:
-    """Rich live table (queued -> running -> done per job), then each job's summary.
-    Returns 0 when all succeeded, 1 otherwise (after printing the failing traceback)."""
+class _Tracker:
+    """The states of the followed jobs, asked for all at once (one sacct call per poll)."""
+
+    def __init__(self, jobs: list[Any]) -> None:
+        from ringctl.health import process_start_time
+
+        self.jobs = jobs
+        self.states: dict[str, str] = {}
+        self.preempted_since: dict[str, float] = {}
+        self.last_answer = time.monotonic()
+        self.trouble = ""
+        # a local controller's identity, taken while it surely is ours (just submitted)
+        self.pid_start = {
+            j.job_id: process_start_time(int(j.job_id)) for j in jobs if j.kind == "local" and str(j.job_id).isdigit()
+        }
+
+    def poll(self) -> None:
+        slurm = [j.job_id for j in self.jobs if j.kind == "slurm"]
+        answer: dict[str, str] | None = None
+        if slurm:
+            try:
+                answer = slurm_states(slurm)
+                self.last_answer, self.trouble = time.monotonic(), ""
+            except SlurmUnreachable as exc:
+                self.trouble = str(exc)
+        else:
+            self.last_answer = time.monotonic()
+        for item in self.jobs:
+            ref = JobRef(item.job_id, item.folder, item.kind, pid_start=self.pid_start.get(item.job_id))
+            if item.kind == "slurm":
+                known = self.states.get(item.job_id, "PENDING")
+                state = ref.state(answer.get(item.job_id, known) if answer is not None else "UNKNOWN")
+                if answer is None and not is_terminal(state):
+                    state = known  # no answer: the job is where it was last seen
+            else:
+                state = ref.state()
+            if state.upper().startswith("PREEMPTED"):
+                self.preempted_since.setdefault(item.job_id, time.monotonic())
+            else:
+                self.preempted_since.pop(item.job_id, None)
+            self.states[item.job_id] = state
+
+    def done(self, item: Any) -> bool:
+        state = self.states.get(item.job_id, "")
+        if item.job_id in self.preempted_since:
+            return time.monotonic() - self.preempted_since[item.job_id] > PREEMPTED_FINAL_S
+        if item.kind == "local":
+            return state.upper() not in ("RUNNING", "CANCELLING")
+        return is_terminal(state)
+
+    def lost_for(self) -> float:
+        return time.monotonic() - self.last_answer
+
+
+def follow(jobs: list[Any], poll_s: float = 1.0, lost_contact_s: float = LOST_CONTACT_S) -> int:
+    """Rich live table (queued -> running -> done per job; a requeued job goes back to
+    queued), then each job's summary or its first cause. Returns 0 when all succeeded, 1
+    otherwise, 3 when SLURM did not answer for `lost_contact_s` (the jobs may still run)."""
     from rich.live import Live
 
     out = console()
     started = time.time()
+    tracker = _Tracker(jobs)
+    tracker.poll()
     try:
-        with Live(_progress_table(jobs, started), console=out, refresh_per_second=4, transient=False) as live:
-            while not all(j.job.done() for j in jobs):
+        with Live(_progress_table(jobs, tracker, started), console=out, refresh_per_second=4, transient=False) as live:
+            while not all(tracker.done(j) for j in jobs):
+                if tracker.lost_for() > lost_contact_s:
+                    live.update(_progress_table(jobs, tracker, started))
+                    if not out.is_terminal:
+                        out.line()
+                    ids = " ".join(j.job_id for j in jobs)
+                    out.print(
+                        f"[red]lost contact with SLURM for {tracker.lost_for():.0f} s[/] ({tracker.trouble}); "
+                        f"the jobs may still be running. Reattach with: ringctl status {ids}   "
+                        f"ringctl logs {jobs[0].job_id} --follow"
+                    )
+                    return 3
                 time.sleep(poll_s)
-                live.update(_progress_table(jobs, started))
-            live.update(_progress_table(jobs, started))
+                tracker.poll()
+                live.update(_progress_table(jobs, tracker, started))
         if not out.is_terminal:  # Live leaves its last frame unterminated on a pipe/file
             out.line()
     except KeyboardInterrupt:
@@ -147,54 +402,67 @@ def follow(jobs: list[Any], poll_s: float = 1.0) -> int:
         return 130
     failed = 0
     for item in jobs:
-        failed += not _report(item, out)
+        failed += not _report(item, tracker.states.get(item.job_id, ""), out)
     return 1 if failed else 0
 
 
-def _progress_table(jobs: list[Any], started: float) -> Any:
+def _progress_table(jobs: list[Any], tracker: _Tracker, started: float) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"ringctl jobs ({time.time() - started:.0f} s)", title_justify="left")
+    title = f"ringctl jobs ({time.time() - started:.0f} s)"
+    if tracker.trouble:
+        title += f"  [yellow]no answer from SLURM for {tracker.lost_for():.0f} s: {tracker.trouble}[/]"
+    table = Table(title=title, title_justify="left")
     for column in ("job", "stage", "state", "folder"):
         table.add_column(column)
     for item in jobs:
-        state = _state(item)
+        state = tracker.states.get(item.job_id, "")
         name = stage(state)
         table.add_row(item.job_id, f"[{COLORS.get(name, 'white')}]{name}[/]", state, str(item.folder))
     return table
 
 
-def _state(item: Any) -> str:
-    """SLURM's state, or the local controller's; a finished job's outcome from its result."""
-    return JobRef(item.job_id, item.folder, item.kind).state()
-
-
-def _report(item: Any, console: Any) -> bool:
-    """Print one finished job's result summary, or its traceback. True when it succeeded."""
-    try:
-        item.job.results()
-    except Exception as exc:  # submitit's FailedJobError carries the job's traceback
-        console.print(f"[red]job {item.job_id} failed[/] (folder {item.folder})")
-        print(root_cause(item.folder) or str(exc), file=sys.stderr)
+def _report(item: Any, state: str, console: Any) -> bool:
+    """Print one ended job's result summary, its cancellation, or its first cause (rank,
+    node, and the traceback when the rank's own code raised). True when it succeeded."""
+    ref = JobRef(item.job_id, item.folder, item.kind)
+    results = ref.results()
+    name = stage(state)
+    if name == "done" and results is not None and not results.get("error"):
+        summarise(results, item.folder / "results.json", console)
+        return True
+    if name == "cancelled":
+        where = f": {results['stopped']}" if results and results.get("stopped") else ""
+        console.print(f"[magenta]job {item.job_id} was cancelled[/] ({state}){where} (folder {item.folder})")
         return False
-    path = item.folder / "results.json"
-    if not path.exists():
-        console.print(f"[red]job {item.job_id} finished without {path}[/]")
-        return False
-    summarise(json.loads(path.read_text()), path, console)
-    return True
+    console.print(f"[red]job {item.job_id} failed[/] ({state or 'unknown state'}; folder {item.folder})")
+    cause = root_cause(item.folder, item.job_id, item.kind)
+    if cause is None and results is not None and results.get("error"):
+        cause = str(results["error"])
+    print(cause or f"no rank left a record; see the logs: ringctl logs {item.job_id}", file=sys.stderr)
+    if results is not None and results.get("losses"):
+        print(f"losses of the {len(results['losses'])} steps done are in {item.folder / 'results.json'}", file=sys.stderr)
+    return False
 
 
-def root_cause(folder: Path) -> str | None:
-    """The first traceback a rank wrote (rank<R>.error, by time): the peers' errors that
-    follow it are only "connection closed"."""
-    errors = sorted(folder.glob("rank*.error"), key=lambda p: p.stat().st_mtime)
-    if not errors:
-        return None
-    first = errors[0]
-    others = ", ".join(p.stem for p in errors[1:])
-    note = f" (then {others} failed too)" if others else ""
-    return f"{first.stem} failed first{note}:\n{first.read_text()}"
+def _custom_rows(results: dict[str, Any], table: Any) -> None:
+    """A custom workload's return value (each key of a dict on its own row) and the
+    attention shapes its ring_attention calls had (ringctl.workloads.custom)."""
+    value = results["custom"]
+    items = value.items() if isinstance(value, dict) else [("", value)]
+    for key, item in items:
+        text = item if isinstance(item, str) else json.dumps(item)
+        table.add_row(f"returned {key}".rstrip(), text if len(text) <= 80 else text[:77] + "...")
+    calls = results.get("attention_calls")
+    if calls:
+        for c in calls:
+            table.add_row(
+                "ring_attention calls",
+                f"{c['calls']} x B {c['batch']}, S {c['seq_len']}, heads {c['heads']}/{c['kv_heads']} x {c['head_dim']}, "
+                f"{c['dtype']}{', causal' if c['causal'] else ''}",
+            )
+    elif calls is not None:
+        table.add_row("ring_attention calls", "none through ctx.ring_attention: the plan's predictions are unknown")
 
 
 def summarise(results: dict[str, Any], path: Path, console: Any) -> None:
@@ -209,6 +477,13 @@ def summarise(results: dict[str, Any], path: Path, console: Any) -> None:
     where = "virtual nodes on " if results.get("virtual_nodes") else ""
     table.add_row("nodes", f"{results.get('nodes')} ({where}{', '.join(dict.fromkeys(names))}); {len(names)} ranks")
     table.add_row("plan", f"{plan.get('ring', plan.get('algorithm', '?'))} ring, order {plan.get('ring_order')}")
+    if results.get("attempt"):
+        starts = [a for a in results.get("attempts", []) if a.get("event") == "start"]
+        table.add_row(
+            "attempts",
+            f"{results['attempt'] + 1} (requeued {results['attempt']}x; resumed from step "
+            f"{results.get('resumed_from_step', '?')}; nodes of the last: {', '.join(dict.fromkeys(starts[-1]['node_names'])) if starts else '?'})",
+        )
     times = results.get("times", {})
     for key, value in times.items():
         if isinstance(value, (int, float)):
@@ -227,6 +502,8 @@ def summarise(results: dict[str, Any], path: Path, console: Any) -> None:
     if "losses" in results:
         losses = results["losses"]
         table.add_row("loss", f"{losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    if "custom" in results:
+        _custom_rows(results, table)
     console.print(table)
     wandb = results.get("wandb", {})
     if wandb.get("sync_command"):

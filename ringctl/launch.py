@@ -965,7 +965,7 @@ class _LocalExecutor(submitit.LocalExecutor):
         cmd: Any = [sys.executable, "-m", "ringctl.local_controller", str(self.folder)]
         setup = list(self.parameters.get("setup") or [])
         if setup:
-            cmd = " && ".join([*setup, "exec " + shlex.join(cmd)])
+            cmd = " && ".join([*setup, shlex.join(cmd)])  # the shell stays: submitit's job id is its pid
         process = subprocess.Popen(cmd, shell=bool(setup), env=env, start_new_session=True)
         return submitit.LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 
