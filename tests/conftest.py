@@ -1,6 +1,14 @@
-"""Shared fixtures. `slurm_cluster`: a real SLURM dev cluster (slurm/dev-cluster) for the session."""
+"""Shared fixtures. `slurm_cluster`: a real SLURM dev cluster (slurm/dev-cluster) for the session.
+
+TRITON_INTERPRET=1 is set here, before any test module imports triton: triton.jit reads it
+at import time, and the kernel tests (test_kernels, test_masks) run Triton on the CPU.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from collections.abc import Iterator
 
