@@ -79,7 +79,7 @@ class LauncherConfig:
     local_ranks_per_node: int = MISSING
     gpus_per_node: int | None = MISSING
     # CPUs (threads) per rank; null: SLURM 8 per GPU rank else 1, locally cores / local ranks
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = MISSING
     time_min: int = MISSING
     partition: str | None = MISSING
     account: str | None = MISSING
@@ -99,6 +99,12 @@ class LauncherConfig:
     container_image: str | None = MISSING
     # SRC:DST[:FLAGS] mounts into it (srun --container-mounts); the runs root is always added
     container_mounts: list[str] = MISSING
+    # requeues after the warning signal (time limit, preemption) before the job fails; 0: never
+    max_requeues: int = MISSING
+    # seconds before the time limit that the warning signal comes; null: submitit's 90
+    signal_delay_s: int | None = MISSING
+    # a peer silent this long is taken as dead or hung; null: init_timeout_s
+    heartbeat_timeout_s: int | None = MISSING
 
 
 @dataclass

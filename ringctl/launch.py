@@ -529,6 +529,10 @@ def validate(cfg: Any) -> Resources:
     if work.name == "custom":
         _check_entry(str(work.entry))
     check_positive_int("launcher.init_timeout_s", cfg.launcher.get("init_timeout_s", 120))
+    max_requeues(cfg)
+    _signal_delay_s(cfg)
+    if cfg.launcher.get("heartbeat_timeout_s") is not None:
+        check_positive_int("launcher.heartbeat_timeout_s", cfg.launcher.heartbeat_timeout_s)
     if cfg.launcher.get("array_parallelism") is not None:
         check_positive_int("launcher.array_parallelism", cfg.launcher.array_parallelism)
     if res.kind == "slurm":
@@ -693,7 +697,7 @@ class Launcher:
         if isinstance(executor, submitit.SlurmExecutor):
             params, command = dict(executor.parameters), executor._submitit_command_str
         else:  # submitit's SlurmExecutor refuses to exist without srun: the same parts by hand
-            params = sbatch_parameters(cfg, res, name)
+            params = resilience_parameters(cfg, sbatch_parameters(cfg, res, name))
             command = " ".join([job_python(cfg), "-u -m submitit.core._submit", shlex.quote(str(folder))])
         if count > 1:  # what submitit's batch() adds for an array
             params["map_count"] = count
