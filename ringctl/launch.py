@@ -654,7 +654,7 @@ class Launcher:
         said = io.StringIO()  # submitit prints sbatch's stderr, then raises it: keep one copy
         try:
             with self.quiet(), contextlib.redirect_stderr(said), executor.batch():
-                return [executor.submit(run_job, payload) for payload in payloads]
+                jobs = [executor.submit(run_job, payload) for payload in payloads]
         except submitit.core.utils.FailedJobError as exc:
             self._remove(base)
             cause, user_input = sbatch_failure(str(exc) or said.getvalue())
@@ -665,6 +665,9 @@ class Launcher:
         except OSError as exc:
             self._remove(base)
             raise SubmissionError(f"{self.kind} submission failed: {exc}") from exc
+        with contextlib.suppress(OSError):  # submitit makes the template folder itself; the
+            (base / "%j").rmdir()  # job folders (one per id) hold everything, so drop it if empty
+        return jobs
 
     def _remove(self, base: Path) -> None:
         """Nothing was submitted: leave no folder (nor the runs root, if this launch made it)."""
