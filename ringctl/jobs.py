@@ -217,10 +217,10 @@ def _cmdline_mentions(pid: int, text: str) -> bool:
 
 
 def find(spec: str, root: Path) -> JobRef:
-    """A job id from the index under `root`, or a job folder (absolute or relative path)."""
-    from ringctl.launch import read_index
+    """A job id from the index under `root` or the per-user index, or a job folder."""
+    from ringctl.launch import known_jobs
 
-    for entry in reversed(read_index(root)):
+    for entry in reversed(known_jobs(root)):
         if entry["job_id"] == spec:
             return JobRef.from_entry(entry)
     path = Path(spec)
@@ -229,13 +229,13 @@ def find(spec: str, root: Path) -> JobRef:
         if submitted:
             job_id = submitted[0].name[: -len("_submitted.pkl")]
             kind = "slurm" if list(path.glob("*_submission.sh")) or not job_id.isdigit() else "local"
-            for entry in read_index(root):
+            for entry in known_jobs(root):
                 if Path(entry["folder"]).resolve() == path.resolve():
                     return JobRef.from_entry(entry)
             return JobRef(job_id, path.resolve(), kind)
     raise LookupError(
-        f"job {spec!r} not found: not a job id in {root / 'index.jsonl'} nor a job folder "
-        "(set RINGCTL_RUNS to the runs root `ringctl launch` used)"
+        f"job {spec!r} not found: not a job id in {root / 'index.jsonl'} or the per-user index "
+        "nor a job folder (set RINGCTL_RUNS to the runs root `ringctl launch` used)"
     )
 
 

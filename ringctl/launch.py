@@ -134,6 +134,28 @@ def runs_root(cfg_root: str | None = None) -> Path:
     return Path(os.environ.get("RINGCTL_RUNS") or cfg_root or "runs").resolve()
 
 
+def user_index_root() -> Path:
+    """Where the per-user index lives (every job this user launched, from any directory):
+    RINGCTL_STATE_DIR, else $XDG_STATE_HOME/ringctl, else ~/.local/state/ringctl."""
+    explicit = os.environ.get("RINGCTL_STATE_DIR")
+    if explicit:
+        return Path(explicit).resolve()
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state).resolve() / "ringctl"
+
+
+def known_jobs(root: Path, *, everywhere: bool = True) -> list[dict[str, Any]]:
+    """The jobs under `root`'s index and (with `everywhere`) the per-user index, oldest first:
+    one entry per job folder (the runs root's wins), so `status`, `logs` and `cancel` find a
+    job wherever it was launched from."""
+    merged: dict[str, dict[str, Any]] = {}
+    user = user_index_root()
+    for index_root in ([user] if everywhere and user != root else []) + [root]:
+        for entry in read_index(index_root):
+            merged[entry["folder"]] = entry
+    return sorted(merged.values(), key=lambda e: float(e.get("submitted") or 0))
+
+
 class SubmissionError(RuntimeError):
     """sbatch (or the local controller) refused the job: one line naming the cause;
     `user_input` when the cause is what was asked (an unknown partition, say): exit 2."""
@@ -634,6 +656,8 @@ class Launcher:
         each job's id and folder on stderr with how to follow it: never a job lost silently."""
         if not submitted:
             return
+        with contextlib.suppress(OSError):  # the per-user index is a convenience: never fatal
+            record(user_index_root(), submitted, self.kind)
         try:
             record(self.root, submitted, self.kind)
         except OSError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# launches record themselves in a per-user index too: keep the suite's out of the user's own
+os.environ.setdefault("RINGCTL_STATE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ringctl-tests-state-{os.getpid()}"))
 
 from collections.abc import Iterator
 

@@ -73,7 +73,7 @@ def _cause_line(ref: JobRef) -> str:
 def status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ringctl.launch import read_index
+    from ringctl.launch import known_jobs, user_index_root
 
     console = make_console()
     if len(args.job) == 1:
@@ -83,13 +83,15 @@ def status(args: argparse.Namespace) -> int:
         refs = [find(spec) for spec in args.job]
         entries = [{"name": r.name, "overrides": list(r.overrides)} for r in refs]
     else:
-        entries = read_index(_root())[-args.last:]
+        # $RINGCTL_RUNS names one runs root: list just its jobs; else every job of this user
+        entries = known_jobs(_root(), everywhere="RINGCTL_RUNS" not in os.environ)[-args.last:]
         refs = [JobRef.from_entry(e) for e in entries]
     if not refs:
-        console.print(f"no jobs recorded under {_root()}")
+        console.print(f"no jobs recorded under {_root()} nor in the per-user index")
         return 0
     states, trouble = _states(refs)
-    table = Table(title=f"jobs under {_root()}", title_justify="left")
+    where = str(_root()) if "RINGCTL_RUNS" in os.environ else f"{_root()} and {user_index_root()}"
+    table = Table(title=f"jobs under {where}", title_justify="left")
     for column in ("job", "kind", "stage", "state", "name", "overrides", "folder", "cause"):
         table.add_column(column)
     for ref, entry in zip(refs, entries):
