@@ -168,7 +168,7 @@ def test_readme_example_runs_locally_writes_the_topology_and_logs_the_figures(tm
     assert results["topology"]["compute_tflops"] == pytest.approx(written["compute_tflops"], rel=1e-3)
     assert (written["nodes"], written["ranks_per_node"], written["gpus_per_node"]) == (2, 2, 0)
     cal = results["calibration"]
-    assert cal["compute"]["block_tokens"] == 2048 // 4 and cal["shape"]["seq_len"] == 2048
+    assert cal["compute"]["block_tokens"] == 3072 // 4 and cal["shape"]["seq_len"] == 3072
     assert cal["intra"]["bandwidth_GBps"] > 0 and cal["inter"]["bandwidth_GBps"] > 0
     # the same figures in the W&B run, read back from its file
     [run_file] = [p for p in folder.glob("wandb/offline-run-*/run-*.wandb")]
@@ -197,7 +197,7 @@ def test_calibrated_topology_recovers_the_fabric_and_predicts_the_job(fabric_clu
     env = {"SLURM_CONF": str(fabric_cluster.slurm_conf)}
     out = conf / "topology" / "measured2node.yaml"
     load_before = os.getloadavg()
-    shape = ["workload.kv_heads=8"]
+    shape = ["workload.kv_heads=8", "workload.seq_len=2048"]  # the link-bound point the figures were measured at
     cal = ringctl(["calibrate", "+topology=emulated2node", "launcher=slurm", *shape, "--out", str(out)], runs, env)
     assert cal.returncode == 0, cal.stdout + cal.stderr
     assert f"topology: {out}" in cal.stdout

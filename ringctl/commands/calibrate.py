@@ -147,24 +147,17 @@ def main(command: str, argv: list[str]) -> int:
         print(__doc__.strip() if __doc__ else USAGE)
         print(USAGE)
         return 0
-    from ringctl.config import compose
-    from ringctl.launch import SubmissionError, make_launcher, validate
+    from ringctl.commands.launch import submit_one
 
     try:
         overrides, config_dir, out, name = parse(argv)
         full = build_overrides(overrides, out, name)
-        cfg = compose(full, config_dir)
-        res = validate(cfg)
-        launcher = make_launcher(res, cfg.launcher.get("root"))  # checks the runs root
     except ConfigError as exc:
         print(f"ringctl {command}: {exc}", file=sys.stderr)
         return 2
-    try:
-        [job] = launcher.submit([(cfg, res)], name=str(cfg.name), overrides=[tuple(full)])
-    except SubmissionError as exc:
-        print(f"ringctl {command}: {exc}", file=sys.stderr)
-        return 2 if exc.user_input else 1
-    print(f"submitted job {job.job_id} ({launcher.kind}); folder: {job.folder}")
+    code, cfg, job = submit_one(command, full, config_dir)
+    if job is None:
+        return code
     if not cfg.wait:
         print(f"the topology will be written to {expected_path(cfg, job.folder)}")
         print(f"follow it with: ringctl status {job.job_id}   ringctl logs {job.job_id} --follow")

@@ -71,6 +71,23 @@ def launch_one(
     """One job: compose (with the user's `config_dir`), validate, submit, then follow it
     unless wait=false. `dry_run`: print the config and the sbatch script (or the local
     plan) instead of submitting; `preflight`: that, plus sbatch --test-only's verdict."""
+    code, cfg, job = submit_one("launch", overrides, config_dir, dry_run=dry_run, preflight=preflight)
+    if job is None:
+        return code
+    if not cfg.wait:
+        print(f"follow it with: ringctl status {job.job_id}   ringctl logs {job.job_id} --follow")
+        return 0
+    from ringctl.jobs import follow
+
+    return follow([job])
+
+
+def submit_one(
+    command: str, overrides: list[str], config_dir: str | None = None, *, dry_run: bool = False, preflight: bool = False
+) -> tuple[int, Any, Any]:
+    """Compose, validate and submit one job: (exit code, config, submitted job). The job is
+    None when nothing was submitted: bad input (exit 2, one line naming the key), a refused
+    submission (2 when the cause is the user's input, else 1), or a dry run."""
     from ringctl.config import compose
     from ringctl.launch import SubmissionError, make_launcher, show_dry_run, validate
 
@@ -79,22 +96,17 @@ def launch_one(
         res = validate(cfg)
         launcher = make_launcher(res, cfg.launcher.get("root"))  # checks the runs root
         if dry_run:
-            return show_dry_run(launcher, [(cfg, res)], str(cfg.name), [tuple(overrides)], check=preflight)
+            return show_dry_run(launcher, [(cfg, res)], str(cfg.name), [tuple(overrides)], check=preflight), cfg, None
     except ConfigError as exc:
-        print(f"ringctl launch: {exc}", file=sys.stderr)
-        return 2
+        print(f"ringctl {command}: {exc}", file=sys.stderr)
+        return 2, None, None
     try:
         [job] = launcher.submit([(cfg, res)], name=str(cfg.name), overrides=[tuple(overrides)])
     except SubmissionError as exc:
-        print(f"ringctl launch: {exc}", file=sys.stderr)
-        return 2 if exc.user_input else 1
+        print(f"ringctl {command}: {exc}", file=sys.stderr)
+        return (2 if exc.user_input else 1), cfg, None
     print(f"submitted job {job.job_id} ({launcher.kind}); folder: {job.folder}")
-    if not cfg.wait:
-        print(f"follow it with: ringctl status {job.job_id}   ringctl logs {job.job_id} --follow")
-        return 0
-    from ringctl.jobs import follow
-
-    return follow([job])
+    return 0, cfg, job
 
 
 def sweep(overrides: list[str]) -> int:
