@@ -7,12 +7,17 @@ sends K/V round again; each block's dK/dV accumulator travels with it, gaining o
 contribution per rank, and takes one more hop home. Nothing remote is saved for backward.
 
 ``_Ring.run`` is the one loop. Layouts change only token positions (masks); schedules
-(flat, hierarchical) change only the levels it nests (see schedule.py).
+(flat, hierarchical) change only the levels it nests (see schedule.py). The loop runs once
+per *pass*, a group of K/V heads with their query heads (ringctl.memory.head_passes):
+heads are independent, so each pass holds only its heads' blocks in flight, accumulators
+and kernel temporaries, and a rank's peak is its results plus 1/P of the ring's working
+set (ringctl/memory.py predicts it, component by component).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -21,17 +26,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .block import block_backward, block_forward
+from ringctl.memory import head_passes
+
+from .block import block_backward_into, block_forward_into, block_impl_for
 from .comm import RingComm
 from .layouts import LAYOUTS, check_layout, token_positions
-from .merge import acc_dtype, merge_block
+from .merge import acc_dtype
 from .schedule import Schedule, make_schedule
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# A leaf visit computes one block: (source position, packed kv) -> dK/dV pair or None.
-Leaf = Callable[[int, torch.Tensor], Sequence[torch.Tensor] | None]
-
 
 def ring_attention(
     q: torch.Tensor,
@@ -59,7 +62,7 @@ def ring_attention(
     else:
         _check_plan(plan, world, layout)
     if world > 1:
-        _check_same_on_every_rank(q, k, causal, layout, group, world)
+        _check_same_on_every_rank(q, k, causal, layout, group, world, plan)
     spec = _RingSpec(group, make_schedule(plan, rank), layout, causal, scale)
     return _RingAttention.apply(q, k, v, spec)
 
@@ -90,51 +93,107 @@ class _RingSpec:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec
     ) -> torch.Tensor:
         out, lse = _ring_forward(q, k, v, spec)
+        # backward reads out only through delta = rowsum(dout * out), as SDPA's own backward
+        # does with its output: what is saved is the returned out, in q's dtype
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, dout: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.spec)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq, dk, dv, None
+
+
+class _Positions:
+    """Global token positions of every ring position's shard for one call (CPU and on q's
+    device), computed once each; all None when not causal."""
+
+    def __init__(self, spec: _RingSpec, local_len: int, like: torch.Tensor) -> None:
+        self.spec, self.local_len, self.like = spec, local_len, like
+        self._cpu: dict[int, torch.Tensor | None] = {}
+        self._dev: dict[int, torch.Tensor | None] = {}
+
+    def cpu(self, position: int) -> torch.Tensor | None:
+        if position not in self._cpu:
+            self._cpu[position] = self.spec.positions(position, self.local_len)
+        return self._cpu[position]
+
+    def dev(self, position: int, first_row: int = 0) -> torch.Tensor | None:
+        if position not in self._dev:
+            self._dev[position] = _on(self.cpu(position), self.like)
+        pos = self._dev[position]
+        return None if pos is None else pos[first_row:]
+
+
+def _passes(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, slice]]:
+    """(query heads, K/V heads) of each pass of the ring (ringctl.memory.head_passes: heads
+    are independent, so a pass holds only its heads' blocks, accumulators, temporaries)."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    impl = "triton" if block_impl_for(q) == "triton" else "torch"
+    n = head_passes(batch=b, shard_tokens=s, heads=hq, kv_heads=hkv, head_dim=d, block_impl=impl)
+    per, group = hkv // n, hq // hkv
+    return [(slice(j * per * group, (j + 1) * per * group), slice(j * per, (j + 1) * per))
+            for j in range(n)]  # fmt: skip
 
 
 def _ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    s = q.shape[1]
-    q_pos = spec.positions(spec.schedule.position, s)
-    q_pos_dev = _on(q_pos, q)  # constant over the ring: moved to q's device once
-    merged: list[torch.Tensor] = []  # [out, lse] once the first block is in
+    """out in q's dtype and lse in the accumulation dtype, one pass per K/V head group.
 
-    def leaf(src: int, kv: torch.Tensor) -> None:
-        k_pos = spec.positions(src, s)
-        if _hidden(q_pos, k_pos):
+    Each pass merges into a (0, -inf) start in the accumulation dtype (the first merge takes
+    a block's result exactly): for float32/float64 that start is out's own heads, in place;
+    for bf16/fp16 a float32 buffer of the pass's heads only, cast into out when the pass
+    ends, so no float32 copy of the whole output ever exists."""
+    acc = acc_dtype(q.dtype)
+    b, s, hq, d = q.shape
+    cast = q.dtype != acc
+    out = (torch.empty if cast else torch.zeros)((b, s, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+    pos = _Positions(spec, s, q)
+    comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
+    for qh, kh in _passes(q, k):
+        nq = qh.stop - qh.start
+        merged = q.new_zeros((b, s, nq, d), dtype=acc) if cast else out[:, :, qh]
+        _forward_pass(comm, spec, pos, merged, lse[:, qh], q[:, :, qh], _pack(k, v, kh, spec))
+        if cast:
+            out[:, :, qh] = merged
+    return out, lse
+
+
+def _forward_pass(
+    comm: RingComm,
+    spec: _RingSpec,
+    pos: _Positions,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    kv: Any,
+) -> None:
+    """One pass of the forward ring: merge every block of these heads into ``out``/``lse``."""
+    me = spec.schedule.position
+
+    def leaf(src: int, block: Sequence[torch.Tensor]) -> None:
+        k_pos = pos.cpu(src)
+        if _hidden(pos.cpu(me), k_pos):
             return None
-        block_out, block_lse = block_forward(
-            q, kv[0], kv[1], scale=spec.scale, q_pos=q_pos_dev, k_pos=_on(k_pos, q)
-        )
-        if not merged:  # the first block (this rank's own) is the running result as is
-            merged.extend((block_out, block_lse))
-            return None
-        out, lse = merged
-        rows = _first_seeing_row(q_pos, k_pos)  # rows above it got nothing from this block
-        merge_block(out[:, rows:], lse[:, :, rows:], block_out[:, rows:], block_lse[:, :, rows:])
+        r = _first_seeing_row(pos.cpu(me), k_pos)  # rows above it see nothing of this block
+        block_forward_into(
+            out[:, r:], lse[:, :, r:], q[:, r:], block[0], block[1], scale=spec.scale,
+            q_pos=pos.dev(me, r), k_pos=pos.dev(src),
+        )  # fmt: skip
         return None
 
-    comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
-    _Ring(comm, spec.schedule, leaf, grad_shape=None).run(torch.stack((k, v)))
-    if not merged:  # cannot happen: position p's own block holds the diagonal
-        raise RuntimeError("ring forward computed no block")
-    return merged[0], merged[1]
+    _Ring(comm, spec.schedule, leaf, grad=False).run(kv)
 
 
 def _ring_backward(
@@ -146,29 +205,83 @@ def _ring_backward(
     lse: torch.Tensor,
     spec: _RingSpec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv in q's dtype, one pass per K/V head group: dq of the pass's heads
+    accumulates here, each block's dK/dV accumulator travels with it and lands, once home,
+    in dk/dv. Accumulation is in the accumulation dtype; for bf16/fp16 only the pass's
+    heads ever exist in float32."""
     acc = acc_dtype(q.dtype)
-    s = q.shape[1]
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    q_pos = spec.positions(spec.schedule.position, s)
-    q_pos_dev = _on(q_pos, q)
-
-    def leaf(src: int, kv: torch.Tensor) -> Sequence[torch.Tensor] | None:
-        k_pos = spec.positions(src, s)
-        if _hidden(q_pos, k_pos):
-            return None
-        dq_b, dk_b, dv_b = block_backward(
-            dout, q, kv[0], kv[1], out, lse,
-            scale=spec.scale, q_pos=q_pos_dev, k_pos=_on(k_pos, q),
-        )  # fmt: skip
-        dq.add_(dq_b)
-        return dk_b, dv_b
-
+    b, s, _, d = q.shape
+    cast = q.dtype != acc
+    dq = (torch.empty if cast else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    pos = _Positions(spec, s, q)
     comm = RingComm(spec.group, spec.schedule.rank, "backward", spec.schedule.link_class)
-    ring = _Ring(comm, spec.schedule, leaf, grad_shape=(2, *k.shape))
-    dkv = ring.run(torch.stack((k, v)))
-    if dkv is None:  # with grad_shape set, run() always returns the home accumulator
+    for qh, kh in _passes(q, k):
+        nq = qh.stop - qh.start
+        dq_pass = q.new_zeros((b, s, nq, d), dtype=acc) if cast else dq[:, :, qh]
+        home = _backward_pass(
+            comm, spec, pos, dq_pass, dout[:, :, qh], q[:, :, qh], out[:, :, qh], lse[:, qh],
+            _pack(k, v, kh, spec),
+        )  # fmt: skip
+        dk[:, :, kh] = home[0]
+        dv[:, :, kh] = home[1]
+        if cast:
+            dq[:, :, qh] = dq_pass
+    return dq, dk, dv
+
+
+def _backward_pass(
+    comm: RingComm,
+    spec: _RingSpec,
+    pos: _Positions,
+    dq: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv: Any,
+) -> torch.Tensor:
+    """One pass of the backward ring: dq of these heads accumulates into ``dq``; returns
+    this rank's (2, B, S, h, D) dK/dV accumulator, home."""
+    me = spec.schedule.position
+    k = kv[0]
+    # one block's dK/dV, reused every step: the accumulator it joins is still on its way
+    # while the block computes (waiting for it first would serialise that hop)
+    partial = k.new_empty((2, *k.shape), dtype=dq.dtype)
+
+    def leaf(src: int, block: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        k_pos = pos.cpu(src)
+        if _hidden(pos.cpu(me), k_pos):
+            return None
+        r = _first_seeing_row(pos.cpu(me), k_pos)
+        partial.zero_()
+        block_backward_into(
+            dq[:, r:], partial[0], partial[1], dout[:, r:], q[:, r:], block[0], block[1],
+            out[:, r:], lse[:, :, r:], scale=spec.scale,
+            q_pos=pos.dev(me, r), k_pos=pos.dev(src),
+        )  # fmt: skip
+        return partial
+
+    home = _Ring(comm, spec.schedule, leaf, grad=True).run(kv)
+    if home is None:  # with grad set, run() always returns the home accumulator
         raise RuntimeError("ring backward produced no dK/dV")
-    return dq, dkv[0], dkv[1]
+    return home
+
+
+def _pack(
+    k: torch.Tensor, v: torch.Tensor, heads: slice, spec: _RingSpec
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """K and V of ``heads`` as the (2, B, S, h, D) block that travels: one contiguous copy,
+    which is also the first of the ring's two receive buffers. A ring of one sends nothing
+    and computes on views."""
+    if spec.schedule.world_size == 1:
+        return k[:, :, heads], v[:, :, heads]
+    b, s, _, d = k.shape
+    packed = k.new_empty((2, b, s, heads.stop - heads.start, d))
+    packed[0] = k[:, :, heads]
+    packed[1] = v[:, :, heads]
+    return packed
 
 
 def _hidden(q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> bool:
@@ -187,41 +300,51 @@ def _on(pos: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if pos is None else pos.to(like.device)
 
 
+# A leaf visit computes one block: (source position, its K/V as (K, V)) -> in backward the
+# block's (2, ...) dK/dV, or None when it contributes nothing.
+Leaf = Callable[[int, Sequence[torch.Tensor]], torch.Tensor | None]
+
+
 class _Ring:
     """The ring loop, nested once per schedule level.
 
     At every step of a level: post the hop that brings the next block (tag 2*depth), visit
     the held block (the next level's whole ring, or a leaf compute), wait for the hop. With
-    ``grad_shape`` set (backward), each block's dK/dV accumulator follows it one hop behind
-    (tag 2*depth+1), sent after its visit and home after ``size`` hops; ``run`` returns it.
+    ``grad`` set (backward), each block's dK/dV accumulator follows it one hop behind (tag
+    2*depth+1), sent after its visit and home after ``size`` hops; ``run`` returns it.
     Double buffering: each (level, channel) receives alternately into two buffers; the one
-    written at step s was last sent at step s-1, whose hop has been waited for.
+    written at step s was last sent at step s-1, whose hop has been waited for. Both pairs
+    are seeded with what a level starts from, so nothing is allocated beside them: the
+    caller's packed block is level 0's second K/V buffer (first received into at step 1),
+    and a level's first accumulator (zeros, step 0) is its second accumulator buffer.
+    Two buffers per channel are what overlap costs: the next block arrives while the held
+    one computes, and the accumulator in flight to the next rank is not the one arriving.
     """
 
-    def __init__(
-        self,
-        comm: RingComm,
-        schedule: Schedule,
-        leaf: Leaf,
-        grad_shape: tuple[int, ...] | None,
-    ) -> None:
+    def __init__(self, comm: RingComm, schedule: Schedule, leaf: Leaf, *, grad: bool) -> None:
         self.comm = comm
         self.schedule = schedule
         self.leaf = leaf
-        self.grad_shape = grad_shape
+        self.grad = grad
         self._steps: list[int] = []
-        self._buffers: dict[int, list[torch.Tensor]] = {}
+        self._buffers: dict[int, list[torch.Tensor | None]] = {}
 
-    def _buffer(self, tag: int, step: int, like: torch.Tensor) -> torch.Tensor:
-        pair = self._buffers.setdefault(tag, [])
-        if len(pair) < 2:
-            pair.append(torch.empty_like(like))
-        return pair[step % 2]
+    def _buffer(self, tag: int, step: int, block: Any, dtype: torch.dtype) -> torch.Tensor:
+        """Buffer ``step % 2`` of channel ``tag``: shaped like the packed ``block`` (a
+        (2, B, S, h, D) tensor, or a (K, V) pair), in ``dtype``."""
+        pair = self._buffers.setdefault(tag, [None, None])
+        buffer = pair[step % 2]
+        if buffer is None:
+            k = block[0]
+            buffer = pair[step % 2] = k.new_empty((2, *k.shape), dtype=dtype)
+        return buffer
 
-    def run(self, kv: torch.Tensor) -> torch.Tensor | None:
+    def run(self, kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        if isinstance(kv, torch.Tensor):
+            self._buffers[0] = [None, kv]
         return self._level(0, kv)
 
-    def _level(self, depth: int, held: torch.Tensor) -> torch.Tensor | None:
+    def _level(self, depth: int, held: Any) -> torch.Tensor | None:
         level = self.schedule.levels[depth]
         acc_hop = None
         acc: torch.Tensor | None = None
@@ -229,39 +352,28 @@ class _Ring:
         for step in range(level.size):
             kv_hop = None
             if step + 1 < level.size:
-                into = self._buffer(kv_tag, step, held)
+                into = self._buffer(kv_tag, step, held, held.dtype)
                 kv_hop = self.comm.hop(held, level.send_to, level.recv_from, kv_tag, into)
             self._steps.append(step)
             grads = self._visit(depth, held)
             self._steps.pop()
-            if self.grad_shape is not None:
-                acc = _accumulate(acc_hop.wait() if acc_hop else None, grads, self.grad_shape, held)
+            if self.grad:
+                acc = acc_hop.wait() if acc_hop is not None else None  # type: ignore[assignment]
+                if acc is None:  # the block's first contribution: zeros in the second buffer
+                    acc = self._buffer(acc_tag, 1, held, acc_dtype(held[0].dtype)).zero_()
+                if grads is not None:
+                    acc.add_(grads)
                 if level.size > 1:
-                    into = self._buffer(acc_tag, step, acc)
+                    into = self._buffer(acc_tag, step, acc, acc.dtype)
                     acc_hop = self.comm.hop(acc, level.send_to, level.recv_from, acc_tag, into)
             if kv_hop is not None:
                 held = kv_hop.wait()
-        return acc_hop.wait() if acc_hop is not None else acc
+        return acc_hop.wait() if acc_hop is not None else acc  # type: ignore[return-value]
 
-    def _visit(self, depth: int, held: torch.Tensor) -> Sequence[torch.Tensor] | None:
+    def _visit(self, depth: int, held: Any) -> torch.Tensor | None:
         if depth + 1 < len(self.schedule.levels):
             return self._level(depth + 1, held)
         return self.leaf(self.schedule.source(self._steps), held)
-
-
-def _accumulate(
-    acc: torch.Tensor | None,
-    grads: Sequence[torch.Tensor] | None,
-    shape: tuple[int, ...],
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """acc + grads (a dK, dV pair), allocating zeros when neither exists yet."""
-    if acc is None:
-        acc = torch.zeros(shape, dtype=acc_dtype(like.dtype), device=like.device)
-    if grads is not None:
-        acc[0].add_(grads[0])
-        acc[1].add_(grads[1])
-    return acc
 
 
 # ---------------------------------------------------------------- input checks
@@ -350,6 +462,11 @@ _FIELDS = (
 )
 
 
+# input signatures whose rank consistency has been checked (most recent last)
+_CHECKED: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+_CHECKED_MAX = 256
+
+
 def _check_same_on_every_rank(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -357,12 +474,22 @@ def _check_same_on_every_rank(
     layout: str,
     group: dist.ProcessGroup | None,
     world: int,
+    plan: Any = None,
 ) -> None:
     """One small all_gather: every rank must agree on shapes, dtype, causal and layout.
 
     Every rank sees the same gathered table, so all raise the same error and none hangs in
-    a ring hop whose sizes do not match.
+    a ring hop whose sizes do not match. It runs once per input signature (shapes, dtype,
+    device, causal, layout, group, plan): on a GPU the gather is a host sync, once per
+    layer and step if it ran on every call. Ranks that call with the same signatures in
+    the same order (the only correct use) keep identical caches, so they skip together; a
+    rank that changes its arguments on a later call of a signature the others repeat is
+    not caught here (its peers' hops then fail or time out).
     """
+    key = _signature(q, k, causal, layout, group, plan)
+    if key is not None and key in _CHECKED:
+        _CHECKED.move_to_end(key)
+        return
     mine = [*q.shape, k.shape[2], DTYPES.index(q.dtype), int(causal), LAYOUTS.index(layout)]
     mine[3], mine[4] = mine[4], mine[3]  # order as in _FIELDS: B, S, Hq, Hkv, D
     device = q.device if q.is_cuda else torch.device("cpu")
@@ -381,3 +508,28 @@ def _check_same_on_every_rank(
                 f"{field} differs between ranks: {values} (by rank); every rank must pass a "
                 "shard of the same sequence with the same arguments"
             )
+    if key is not None:
+        _CHECKED[key] = None
+        while len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.popitem(last=False)
+
+
+def _signature(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    layout: str,
+    group: dist.ProcessGroup | None,
+    plan: Any,
+) -> tuple[Any, ...] | None:
+    """What the rank check depends on, hashable; None (check every call) for an unhashable
+    plan. The group is the object itself (None: the current default group), kept alive by
+    the cache, so a new group never inherits a dead one's entry."""
+    if group is None:
+        group = dist.distributed_c10d._get_default_group()
+    key = (tuple(q.shape), k.shape[2], q.dtype, q.device, causal, layout, group, plan)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key

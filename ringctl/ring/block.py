@@ -2,17 +2,24 @@
 
 ``block_forward`` / ``block_backward`` are the one place the ring computes; they dispatch to
 the Triton kernels (``ringctl_kernels``, same signatures) for CUDA tensors, or to the torch
-implementation here. ``RINGCTL_BLOCK_IMPL=torch|triton`` forces one.
+implementation here. ``RINGCTL_BLOCK_IMPL=torch|triton`` forces one. The ring itself calls
+the ``_into`` forms, which fold a block straight into the running result (forward: merge
+into out/lse; backward: add into dq/dk/dv), so no block-sized result is ever allocated
+beside the accumulators.
 
 The torch implementation first reduces the mask to *tiles*: global positions are ascending
 in every shard, so the keys a query row sees are a prefix of the block, rows that see
 nothing are a prefix of the rows, and a block is either hidden, fully visible, top-left
 causal (diagonal blocks of every layout, striped off-diagonals) or, rarely, needs an
-explicit mask, which is then built per chunk of rows so memory stays bounded. On CPU each
-tile runs ATen's fused flash kernel (``_scaled_dot_product_flash_attention_for_cpu`` and its
-backward, which takes the ring's final out/lse like the contract asks); elsewhere, a
-chunked matmul version. Inputs are computed in the accumulation dtype (float32, or
-float64 for float64), so block results carry no bf16/fp16 rounding into the merge.
+explicit mask, which is then built per chunk of rows so memory stays bounded. Each tile is
+computed one *head chunk* at a time (about 1/8 of the query heads, whole K/V head
+groups or part of one), so the temporaries of a call (inputs cast to the accumulation
+dtype, GQA heads expanded, kernel outputs) are a fraction of a shard, not a shard. On CPU
+each tile runs ATen's fused flash kernel (``_scaled_dot_product_flash_attention_for_cpu``
+and its backward, which takes the ring's final out/lse like the contract asks); elsewhere, a
+chunked matmul version. Inputs are computed in the accumulation dtype (float32, or float64
+for float64), so block results carry no bf16/fp16 rounding into the merge; on a CPU without
+bf16 arithmetic ATen's bf16 kernel is also several times slower than casting a head chunk.
 """
 
 from __future__ import annotations
@@ -25,12 +32,16 @@ from typing import Any
 
 import torch
 
-from .merge import acc_dtype
+from ringctl.memory import head_chunk
+
+from .merge import acc_dtype, merge_block
 
 IMPL_ENV = "RINGCTL_BLOCK_IMPL"
 IMPLS = ("torch", "triton")
 # rows per chunk when a tile needs an explicit mask (or on the matmul path)
 CHUNK_ROWS = 256
+# runs of rows shorter than this (irregular masks) get explicit-mask tiles (see tiles)
+MIN_RUN_ROWS = 8
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -52,6 +63,31 @@ def block_forward(
     if kernels is not None:
         return kernels.block_forward(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
     return _torch_forward(q, k, v, scale, q_pos, k_pos)
+
+
+def block_forward_into(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+) -> None:
+    """Merge this block's attention into the running ``out`` (B,Sq,Hq,D) and ``lse`` (B,Hq,Sq),
+    both in the accumulation dtype, in place. Starting from ``out = 0, lse = -inf`` the first
+    merge gives the block's own result exactly."""
+    _check_positions(q, k, q_pos, k_pos)
+    kernels = _triton_for(q)
+    if kernels is not None:
+        block_out, block_lse = kernels.block_forward(
+            q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos
+        )
+        merge_block(out, lse, block_out, block_lse)
+        return
+    _torch_forward_into(out, lse, q, k, v, scale, q_pos, k_pos)
 
 
 def block_backward(
@@ -76,6 +112,36 @@ def block_backward(
     return _torch_backward(dout, q, k, v, out, lse, scale, q_pos, k_pos)
 
 
+def block_backward_into(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+) -> None:
+    """Add this block's gradients into ``dq`` (like q) and ``dk``/``dv`` (like k), all in the
+    accumulation dtype; ``out`` (any float dtype) and ``lse`` are the ring's final ones."""
+    _check_positions(q, k, q_pos, k_pos)
+    kernels = _triton_for(q)
+    if kernels is not None:
+        gq, gk, gv = kernels.block_backward(
+            dout, q, k, v, out, lse, scale=scale, q_pos=q_pos, k_pos=k_pos
+        )
+        dq.add_(gq)
+        dk.add_(gk)
+        dv.add_(gv)
+        return
+    _torch_backward_into(dq, dk, dv, dout, q, k, v, out, lse, scale, q_pos, k_pos)
+
+
 # ---------------------------------------------------------------- dispatch
 
 
@@ -86,6 +152,11 @@ def _kernels_module() -> ModuleType | None:
     except ImportError:
         return None
     return ringctl_kernels
+
+
+def block_impl_for(q: torch.Tensor) -> str:
+    """"triton" or "torch": which implementation computes blocks of ``q``."""
+    return "triton" if _triton_for(q) is not None else "torch"
 
 
 def _triton_for(q: torch.Tensor) -> ModuleType | None:
@@ -137,37 +208,109 @@ class Tile:
 
 
 def tiles(sq: int, sk: int, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> list[Tile]:
-    """The visible part of a block as tiles; [] if no query sees any key."""
+    """The visible part of a block as tiles; [] if no query sees any key.
+
+    Row i sees the first ``n_i`` keys, ``n`` non-decreasing. The rows that see something
+    split into runs: a *plateau* (equal ``n = m``) is one unmasked tile over keys ``0..m``; a
+    *diagonal* (``n`` grows by one per row, from ``m``) is a top-left causal tile over keys
+    ``m-1..`` plus, when ``m > 1``, an unmasked tile over keys ``0..m-1`` for the same rows
+    (tiles of one row range merge by log-sum-exp like blocks). Every block the layouts give
+    is one run (a shard's own block a diagonal from 1, a zigzag off-diagonal block a
+    plateau); runs shorter than MIN_RUN_ROWS (irregular masks) go to explicit-mask tiles of
+    up to CHUNK_ROWS rows.
+    """
     if q_pos is None or k_pos is None:
         return [Tile(slice(0, sq), slice(0, sk))]
-    n_vis = torch.searchsorted(k_pos.cpu(), q_pos.cpu(), right=True)  # keys seen, per row
-    first = int((n_vis == 0).sum())  # rows that see nothing come first
-    if first == sq:
+    counts = torch.searchsorted(k_pos.cpu(), q_pos.cpu(), right=True)  # keys seen, per row
+    first = int((counts == 0).sum())  # rows that see nothing come first
+    runs = _runs(counts[first:], first)
+    n = counts.tolist()
+    whole = len(runs) == 1
+    out: list[Tile] = []
+    loose: list[int] = []  # rows of short runs, waiting for explicit-mask tiles
+    for start, stop, kind in runs:
+        if stop - start < MIN_RUN_ROWS and not whole:
+            loose.extend(range(start, stop))
+            continue
+        out += _explicit(loose, n, q_pos.device)
+        loose = []
+        rows, m = slice(start, stop), n[start]
+        if kind == "plateau":
+            out.append(Tile(rows, slice(0, m)))
+            continue
+        if m > 1:
+            out.append(Tile(rows, slice(0, m - 1)))
+        out.append(Tile(rows, slice(m - 1, m - 1 + stop - start), causal=True))
+    return out + _explicit(loose, n, q_pos.device)
+
+
+def _runs(counts: torch.Tensor, offset: int) -> list[tuple[int, int, str]]:
+    """Rows ``offset + i`` split into (start, stop, "plateau" | "diagonal") runs, greedily from
+    the top: a run takes the longest stretch of equal (plateau) or one-apart (diagonal)
+    counts from its first row; a row that fits neither is a plateau of one. Walks the
+    stretches of equal differences, not the rows, so a structured mask costs a few steps."""
+    m = counts.shape[0]
+    if m == 0:
         return []
-    n_vis = n_vis[first:]
-    least, most = int(n_vis[0]), int(n_vis[-1])
-    if least == most:
-        return [Tile(slice(first, sq), slice(0, most))]
-    if torch.equal(n_vis, torch.arange(1, sq - first + 1)):
-        return [Tile(slice(first, sq), slice(0, most), causal=True)]
+    values, lengths = torch.unique_consecutive(counts[1:] - counts[:-1], return_counts=True)
+    values_l, lengths_l = values.tolist(), lengths.tolist()
+    runs = []
+    i, seg, seg_start = 0, 0, 0  # current row; the stretch of differences holding diff i
+    while i < m:
+        if i == m - 1:
+            runs.append((offset + i, offset + m, "plateau"))
+            break
+        while seg_start + lengths_l[seg] <= i:
+            seg_start += lengths_l[seg]
+            seg += 1
+        value = values_l[seg]
+        if value in (0, 1):
+            length = seg_start + lengths_l[seg] - i  # differences i.. equal to value
+            kind = "plateau" if value == 0 else "diagonal"
+            runs.append((offset + i, offset + i + length + 1, kind))
+            i += length + 1
+        else:
+            runs.append((offset + i, offset + i + 1, "plateau"))
+            i += 1
+    return runs
+
+
+def _explicit(rows: list[int], n: list[int], device: torch.device) -> list[Tile]:
+    """Explicit-mask tiles over ``rows`` (consecutive), CHUNK_ROWS rows at a time."""
     out = []
-    for start in range(0, sq - first, CHUNK_ROWS):
-        counts = n_vis[start : start + CHUNK_ROWS]
-        keys = int(counts[-1])
+    for at in range(0, len(rows), CHUNK_ROWS):
+        part = rows[at : at + CHUNK_ROWS]
+        counts = torch.tensor([n[r] for r in part])
+        keys = int(counts.max())
         visible = torch.arange(keys) < counts[:, None]
-        rows = slice(first + start, first + start + counts.shape[0])
-        out.append(Tile(rows, slice(0, keys), visible=visible.to(q_pos.device)))
+        out.append(Tile(slice(part[0], part[-1] + 1), slice(0, keys), visible=visible.to(device)))
     return out
 
 
 # ---------------------------------------------------------------- torch implementation
 
 
+@cache
+def head_chunks(hq: int, hkv: int) -> tuple[tuple[slice, slice], ...]:
+    """``(query heads, kv heads)`` of each head chunk a tile is computed in (sizes from
+    ``ringctl.memory.head_chunk``: about ``hq / HEAD_CHUNKS`` query heads, whole K/V head
+    groups or an equal part of one, whose one kv head is then broadcast, not copied).
+    Query head h uses kv head ``h // (hq // hkv)``."""
+    nq, nk = head_chunk(hq, hkv)
+    group = hq // hkv
+    return tuple(
+        (slice(h, h + nq), slice(h // group, h // group + nk)) for h in range(0, hq, nq)
+    )
+
+
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B,S,Hkv,D) -> (B,S,heads,D); query head h uses kv head h // (heads // Hkv)."""
+    """(B,S,Hkv,D) -> (B,S,heads,D); query head h uses kv head h // (heads // Hkv). One kv
+    head is broadcast (a view with head stride 0, which ATen's flash kernel reads as is)."""
     b, s, hkv, d = x.shape
     if hkv == heads:
         return x
+    if hkv == 1:
+        return x.expand(b, s, heads, d)
     return x.unsqueeze(3).expand(b, s, hkv, heads // hkv, d).reshape(b, s, heads, d)
 
 
@@ -185,13 +328,20 @@ def _mask_of(tile: Tile, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def _tile_inputs(
-    tile: Tile, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+    tile: Tile,
+    heads: tuple[slice, slice],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    heads = q.shape[2]
+    """The tile's q rows and k/v keys of one head chunk, in ``dtype``, kv heads expanded."""
+    qh, kh = heads
+    n = qh.stop - qh.start
     return (
-        _dense(q[:, tile.rows], dtype),
-        _expand_heads(_dense(k[:, tile.keys], dtype), heads),
-        _expand_heads(_dense(v[:, tile.keys], dtype), heads),
+        _dense(q[:, tile.rows, qh], dtype),
+        _expand_heads(_dense(k[:, tile.keys, kh], dtype), n),
+        _expand_heads(_dense(v[:, tile.keys, kh], dtype), n),
     )
 
 
@@ -213,18 +363,31 @@ def _torch_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = acc_dtype(q.dtype)
     b, sq, hq, d = q.shape
-    tile_forward = _tile_path(q, path)[0]
-    found = tiles(sq, k.shape[1], q_pos, k_pos)
-    if len(found) == 1 and found[0].rows == slice(0, sq):  # all rows: no copy into zeros
-        return tile_forward(*_tile_inputs(found[0], q, k, v, acc), scale, found[0])
     out = torch.zeros((b, sq, hq, d), dtype=acc, device=q.device)
     lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
-    for tile in found:
-        qt, kt, vt = _tile_inputs(tile, q, k, v, acc)
-        o, l = tile_forward(qt, kt, vt, scale, tile)
-        out[:, tile.rows] = o
-        lse[:, :, tile.rows] = l
+    _torch_forward_into(out, lse, q, k, v, scale, q_pos, k_pos, path)
     return out, lse
+
+
+def _torch_forward_into(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
+    path: str | None = None,
+) -> None:
+    tile_forward = _tile_path(q, path)[0]
+    for tile in tiles(q.shape[1], k.shape[1], q_pos, k_pos):
+        mask = _mask_of(tile, out.dtype, q.device)
+        for heads in head_chunks(q.shape[2], k.shape[2]):
+            qt, kt, vt = _tile_inputs(tile, heads, q, k, v, out.dtype)
+            o, l = tile_forward(qt, kt, vt, scale, tile, mask)
+            merge_block(out[:, tile.rows, heads[0]], lse[:, heads[0], tile.rows], o, l)
+            del qt, kt, vt, o, l  # before the next chunk's: only one chunk's temporaries live
 
 
 def _torch_backward(
@@ -240,21 +403,47 @@ def _torch_backward(
     path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = acc_dtype(q.dtype)
-    hkv = k.shape[2]
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    _torch_backward_into(dq, dk, dv, dout, q, k, v, out, lse, scale, q_pos, k_pos, path)
+    return dq, dk, dv
+
+
+def _torch_backward_into(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
+    path: str | None = None,
+) -> None:
+    acc = dq.dtype
     tile_backward = _tile_path(q, path)[1]
     for tile in tiles(q.shape[1], k.shape[1], q_pos, k_pos):
-        qt, kt, vt = _tile_inputs(tile, q, k, v, acc)
+        mask = _mask_of(tile, acc, q.device)
         rows = tile.rows
-        dout_t, out_t = _dense(dout[:, rows], acc), _dense(out[:, rows], acc)
-        grads = _Grads(dout_t, out_t, lse[:, :, rows].to(acc))
-        gq, gk, gv = tile_backward(grads, qt, kt, vt, scale, tile)
-        dq[:, rows] += gq
-        dk[:, tile.keys] += _sum_heads(gk, hkv)
-        dv[:, tile.keys] += _sum_heads(gv, hkv)
-    return dq, dk, dv
+        for heads in head_chunks(q.shape[2], k.shape[2]):
+            qh, kh = heads
+            qt, kt, vt = _tile_inputs(tile, heads, q, k, v, acc)
+            grads = _Grads(
+                _dense(dout[:, rows, qh], acc), _dense(out[:, rows, qh], acc),
+                lse[:, qh, rows].to(acc),
+            )  # fmt: skip
+            gq, gk, gv = tile_backward(grads, qt, kt, vt, scale, tile, mask)
+            del qt, kt, vt, grads
+            n_kv = kh.stop - kh.start
+            dq[:, rows, qh] += gq
+            dk[:, tile.keys, kh] += _sum_heads(gk, n_kv)
+            dv[:, tile.keys, kh] += _sum_heads(gv, n_kv)
+            del gq, gk, gv  # before the next chunk's: only one chunk's temporaries live
 
 
 def _tile_path(q: torch.Tensor, path: str | None) -> tuple[Any, Any]:
@@ -277,26 +466,37 @@ class _Grads:
     lse: torch.Tensor
 
 
-# Tile functions take (B,S,H,D) inputs already in the acc dtype with expanded heads.
+# Tile functions take (B,S,H,D) inputs already in the acc dtype with expanded heads, and
+# the tile's additive mask (``_mask_of``; None unless the tile needs an explicit one).
 
 
 def _flash_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tile: Tile
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    tile: Tile,
+    mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, tile.causal,
-        attn_mask=_mask_of(tile, q.dtype, q.device), scale=scale,
+        attn_mask=mask, scale=scale,
     )  # fmt: skip
     return o.transpose(1, 2), lse
 
 
 def _flash_backward(
-    g: _Grads, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tile: Tile
+    g: _Grads,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    tile: Tile,
+    mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t = [x.transpose(1, 2) for x in (g.dout, q, k, v, g.out)]
     gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *t, g.lse.contiguous(), 0.0, tile.causal,
-        attn_mask=_mask_of(tile, q.dtype, q.device), scale=scale,
+        *t, g.lse.contiguous(), 0.0, tile.causal, attn_mask=mask, scale=scale,
     )  # fmt: skip
     return gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2)
 
@@ -321,7 +521,12 @@ def _scores(
 
 
 def _matmul_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tile: Tile
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    tile: Tile,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked over rows so the score matrix stays CHUNK_ROWS x Sk (non-CPU devices)."""
     outs, lses = [], []
@@ -336,7 +541,13 @@ def _matmul_forward(
 
 
 def _matmul_backward(
-    g: _Grads, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tile: Tile
+    g: _Grads,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    tile: Tile,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gq = torch.empty_like(q)
     gk = torch.zeros_like(k)

@@ -1,9 +1,10 @@
 """Point-to-point ring hops with byte counters per (phase, link class).
 
-A hop sends one tensor to a peer and receives one of the same shape from another, posted
-together with ``batch_isend_irecv`` so the transfer runs while the caller computes;
-``Hop.wait()`` returns the received tensor. Each channel (K/V or dK/dV accumulator, at each
-ring level) has its own tag, so gloo never pairs a K/V message with an accumulator one.
+A hop sends one tensor (or several, one message each) to a peer and receives as many of
+the same shapes from another, posted together with ``batch_isend_irecv`` so the transfer
+runs while the caller computes; ``Hop.wait()`` returns what was received. Every message of
+a hop has its own tag (``tag + i`` for the i-th tensor) and the ring gives each channel and
+chunk its own tags, so gloo never pairs a K/V message with an accumulator one.
 
 Counters record bytes *sent* by this process, classified by the plan's ``link_class``;
 tests compare them with ``RingPlan.predicted_bytes``.
@@ -12,7 +13,7 @@ tests compare them with ``RingPlan.predicted_bytes``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,13 +37,15 @@ def reset_comm_stats() -> None:
 
 
 class Hop:
-    """One posted send/recv pair; ``wait()`` once, then the received tensor is ready."""
+    """One posted send/recv pair; ``wait()`` once, then the received tensor(s) are ready."""
 
-    def __init__(self, works: list[dist.Work], received: torch.Tensor) -> None:
+    def __init__(
+        self, works: list[dist.Work], received: torch.Tensor | tuple[torch.Tensor, ...]
+    ) -> None:
         self._works: list[dist.Work] | None = works
         self._received = received
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self._works is None:
             raise RuntimeError("Hop.wait() called twice")
         for work in self._works:
@@ -74,29 +77,48 @@ class RingComm:
 
     def hop(
         self,
-        tensor: torch.Tensor,
+        tensor: torch.Tensor | Sequence[torch.Tensor],
         send_to: int,
         recv_from: int,
         tag: int,
-        into: torch.Tensor | None = None,
+        into: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> Hop:
         """Send ``tensor`` to ``send_to``; receive its successor from ``recv_from`` into
-        ``into`` (a buffer like ``tensor``, not in flight; a new one if None)."""
-        received = torch.empty_like(tensor) if into is None else into
-        if not (tensor.is_contiguous() and received.is_contiguous()):
-            raise RuntimeError("ring hops need contiguous tensors (gloo refuses others)")
-        if received.shape != tensor.shape or received.dtype != tensor.dtype:
-            raise RuntimeError("a hop receives into a buffer of the sent tensor's shape and dtype")
-        # irecv before isend: a gloo send starts only once the peer's "receive ready"
-        # notice arrives, and that notice travels on the same TCP stream as the peer's own
-        # data. Posting the send first lets a peer queue its notice behind a whole block it
-        # is already sending, so the two directions of a pair (the 2-node outer ring) run one
-        # after the other: measured 6.1 vs 12.0 MB/s per direction on the 100 Mbit/s fabric.
-        ops = [
-            dist.P2POp(dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag),
-            dist.P2POp(dist.isend, tensor, group=self.group, group_peer=send_to, tag=tag),
-        ]
+        ``into`` (a buffer like ``tensor``, not in flight; a new one if None). A sequence of
+        tensors is sent as one message each (tags ``tag``, ``tag + 1``, ...) and received into
+        a sequence of buffers; ``wait()`` then returns a tuple."""
+        single = isinstance(tensor, torch.Tensor)
+        sends: list[torch.Tensor] = [tensor] if isinstance(tensor, torch.Tensor) else list(tensor)
+        recvs: list[torch.Tensor]
+        if into is None:
+            recvs = [torch.empty_like(t) for t in sends]
+        else:
+            recvs = [into] if isinstance(into, torch.Tensor) else list(into)
+        if len(recvs) != len(sends):
+            raise RuntimeError("a hop receives as many tensors as it sends")
+        ops = []
+        for i, (sent, received) in enumerate(zip(sends, recvs, strict=True)):
+            if not (sent.is_contiguous() and received.is_contiguous()):
+                raise RuntimeError("ring hops need contiguous tensors (gloo refuses others)")
+            if received.shape != sent.shape or received.dtype != sent.dtype:
+                raise RuntimeError(
+                    "a hop receives into a buffer of the sent tensor's shape and dtype"
+                )
+            # irecv before isend: a gloo send starts only once the peer's "receive ready"
+            # notice arrives, and that notice travels on the same TCP stream as the peer's
+            # own data. Posting the send first lets a peer queue its notice behind a whole
+            # block it is already sending, so the two directions of a pair (the 2-node outer
+            # ring) run one after the other: measured 6.1 vs 12.0 MB/s per direction on the
+            # 100 Mbit/s fabric.
+            ops.append(
+                dist.P2POp(
+                    dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag + i
+                )
+            )
+            ops.append(
+                dist.P2POp(dist.isend, sent, group=self.group, group_peer=send_to, tag=tag + i)
+            )
         works = dist.batch_isend_irecv(ops)
         link = self._link_class(self.rank, send_to)
-        _SENT[(self.phase, link)] += tensor.numel() * tensor.element_size()
-        return Hop(works, received)
+        _SENT[(self.phase, link)] += sum(t.numel() * t.element_size() for t in sends)
+        return Hop(works, recvs[0] if single else tuple(recvs))

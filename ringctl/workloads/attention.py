@@ -6,11 +6,14 @@
    (phase, link class) are compared with the plan's prediction, byte for byte.
 3. Exactness at `check_seq_len` in float64: the shards' outputs and gradients are
    gathered, unsharded and compared with SDPA on the whole sequence (rank 0 reports).
+4. Memory: each rank's peak during one more fwd+bwd (`PeakMemory`), gathered, beside the
+   planner's prediction (`ringctl.memory.predict_peak`).
 """
 
 from __future__ import annotations
 
 import time
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -155,6 +158,126 @@ def exactness(ctx: Any) -> dict[str, Any]:
     }
 
 
+class PeakMemory:
+    """Peak memory a section adds over the level just before it, on this rank (bytes).
+
+    CUDA: the caching allocator's peak (``max_memory_allocated`` after
+    ``reset_peak_memory_stats``) minus what was allocated at ``start``. CPU on Linux: the
+    kernel's resident-set high-water mark (VmHWM), reset by writing "5" to
+    /proc/self/clear_refs, minus the RSS at ``start``; the kernel raises the mark before any
+    page leaves the resident set, so no transient is missed, however short. glibc serves
+    small and medium blocks from heap it kept after earlier frees, which a section reuses
+    without raising RSS: on CPU the figure reads low unless the process runs with
+    ``MALLOC_MMAP_THRESHOLD_`` set (bench/memory.py sets 65536). ``peak()`` is None where
+    neither source exists.
+
+        with PeakMemory(device) as mem:
+            ...
+        mem.bytes
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.level: int | None = None
+        self.bytes: int | None = None
+
+    def start(self) -> None:
+        """Take the current level and reset the high-water mark to it."""
+        self.restart()
+        self.level = self._current()
+
+    def restart(self) -> None:
+        """Reset the high-water mark only (the level stays the one ``start`` took)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.level = None
+
+    def peak(self) -> int | None:
+        """Highest usage since the last (re)start, minus the level ``start`` took."""
+        if self.level is None:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device)) - self.level
+        high = _proc_status_kb("VmHWM")
+        return None if high is None else high * 1024 - self.level
+
+    def _current(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        rss = _proc_status_kb("VmRSS")
+        return None if rss is None else rss * 1024
+
+    def __enter__(self) -> PeakMemory:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.bytes = self.peak()
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_results(ctx: Any, peak: int | None, measured: str) -> dict[str, Any]:
+    """Every rank's ``peak`` (gathered; None where unmeasured) and the planner's prediction
+    of one ring_attention fwd+bwd for this workload and plan (``ringctl.memory``)."""
+    from ringctl.memory import predict_peak
+    from ringctl.ring.block import block_impl_for
+
+    w = ctx.cfg.workload
+    like = torch.empty((1, 1, 1, int(w.head_dim)), dtype=getattr(torch, w.dtype), device=ctx.device)
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, peak, group=ctx.group)
+    plan = ctx.plan
+    out: dict[str, Any] = {"peak_bytes_per_rank": gathered, "measured": measured}
+    try:
+        est = predict_peak(
+            batch=int(w.batch), seq_len=int(w.seq_len), heads=int(w.heads),
+            kv_heads=int(w.kv_heads), head_dim=int(w.head_dim), dtype=str(w.dtype),
+            world_size=plan.world_size, layout=plan.layout, causal=bool(w.causal),
+            algorithm=plan.algorithm, nodes=plan.nodes, block_impl=block_impl_for(like),
+            cpu_threads=torch.get_num_threads(),
+        )  # fmt: skip
+    except ValueError as err:
+        out["predicted_error"] = str(err)
+        return out
+    out["predicted_peak_bytes"] = est.total
+    out["predicted"] = est.to_dict()
+    measured_peaks = [p for p in gathered if p is not None]
+    if measured_peaks and est.total:
+        out["measured_over_predicted"] = max(measured_peaks) / est.total
+    return out
+
+
+def memory(ctx: Any) -> dict[str, Any]:
+    """Each rank's peak during one fwd+bwd at the configured size (inputs excluded; out and
+    the gradients included, as they are until the caller drops them)."""
+    w = ctx.cfg.workload
+    dtype = getattr(torch, w.dtype)
+    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device))
+    with PeakMemory(ctx.device) as mem:
+        kept = fwd_bwd(ctx, q, k, v, dout)
+    del kept
+    return memory_results(ctx, mem.bytes, "one ring_attention forward+backward")
+
+
 def reference(q, k, v, dout, *, causal: bool) -> list[torch.Tensor]:
     """SDPA on the whole sequence: out, dq, dk, dv (B, S, H, D)."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -166,7 +289,7 @@ def reference(q, k, v, dout, *, causal: bool) -> list[torch.Tensor]:
 
 
 def run(cfg: Any, ctx: Any) -> dict[str, Any]:
-    result: dict[str, Any] = {"times": timing(ctx), "bytes": link_bytes(ctx)}
+    result: dict[str, Any] = {"times": timing(ctx), "bytes": link_bytes(ctx), "memory": memory(ctx)}
     failures = []
     if cfg.workload.check:
         result["check"] = exactness(ctx)

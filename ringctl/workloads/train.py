@@ -13,13 +13,18 @@ something to learn and nothing to download.
 
 from __future__ import annotations
 
+import os
+import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ringctl.workloads.attention import PeakMemory, memory_results
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -101,7 +106,9 @@ def build(w: Any, attention: Attention, device: torch.device) -> tuple[TinyLM, t
 
 def _loss_sum(model: TinyLM, tokens: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     logits = model(tokens, positions)
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    # at least float32 (bf16/fp16 logits), and float64 stays float64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def reference_losses(w: Any, steps: int, device: torch.device | None = None) -> list[float]:
@@ -120,14 +127,81 @@ def reference_losses(w: Any, steps: int, device: torch.device | None = None) -> 
     return losses
 
 
-def _save_checkpoint(folder: Path, step: int, model: TinyLM, opt: torch.optim.Optimizer) -> Path:
-    path = folder / "checkpoints" / f"step_{step:06d}.pt"
+CHECKPOINTS = "checkpoints"
+#: what every checkpoint holds; a file without all of it is not loaded
+_CHECKPOINT_KEYS = ("step", "model", "optimizer", "rng", "losses", "checkpoints", "wandb_run_id")
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / CHECKPOINTS / f"step_{step:06d}.pt"
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any]) -> Path:
+    """Atomically: written to a temporary name in the same folder, fsync'ed, renamed, the
+    folder fsync'ed. A reader (a resumed job) sees a whole checkpoint or none; a write cut
+    short (killed, disk full) leaves only a temporary file that is never loaded."""
+    path = checkpoint_path(folder, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**state, "step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return path
 
 
+def load_latest_checkpoint(folder: Path, device: torch.device | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads whole (every key, its step matching its name);
+    a torn or foreign file is skipped with a note, and the one before it is used."""
+    for path in sorted((folder / CHECKPOINTS).glob("step_*.pt"), reverse=True):
+        try:
+            state = torch.load(path, map_location=device or "cpu", weights_only=True)
+            whole = isinstance(state, dict) and all(k in state for k in _CHECKPOINT_KEYS)
+            if whole and path.name == checkpoint_path(folder, int(state["step"])).name:
+                return path, state
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+            print(f"ringctl: skipping checkpoint {path}: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        print(f"ringctl: skipping checkpoint {path}: not a whole ringctl checkpoint", flush=True)
+    return None
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state.cpu(), device)
+    else:
+        torch.set_rng_state(state.cpu())
+
+
+def _wandb_kept(folder: Path, attempt: int) -> bool:
+    """Whether the attempt before this one closed its W&B run cleanly (recorded in
+    attempts.jsonl); if not (killed, or SIGTERM killed W&B's service too), its logged steps
+    may be lost, and the resumed run logs them again from the checkpoint."""
+    from ringctl.health import read_attempts
+
+    ends = [a for a in read_attempts(folder) if a.get("attempt") == attempt - 1 and a.get("event") in ("requeue", "stopped")]
+    return bool(ends) and bool(ends[-1].get("wandb_finished"))
+
+
 def run(cfg: Any, ctx: Any) -> dict[str, Any]:
+    """Train; resume from the job folder's newest whole checkpoint when there is one (a
+    requeued job), so the losses continue exactly where the checkpoint left them. SIGTERM
+    and the warning signal stop the run at a step end with a checkpoint of that step."""
     from ringctl.ring import shard_sequence
 
     w = cfg.workload
@@ -138,9 +212,31 @@ def run(cfg: Any, ctx: Any) -> dict[str, Any]:
         return shard_sequence(x, ctx.position, ctx.world_size, layout=w.layout, dim=1).contiguous().to(ctx.device)
 
     positions = shard(torch.arange(w.seq_len).unsqueeze(0)).squeeze(0)
-    losses, checkpoints = [], []
+    losses: list[float] = []
+    checkpoints: list[str] = []
+    start = 0
+    found: list[Any] = [None]
+    if ctx.rank == 0:
+        latest = load_latest_checkpoint(ctx.folder)
+        found[0] = str(latest[0]) if latest is not None else None
+    dist.broadcast_object_list(found, src=0, group=ctx.group)  # every rank loads the same one
+    if found[0] is not None:
+        state = torch.load(found[0], map_location=ctx.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], ctx.device)
+        start, losses, checkpoints = int(state["step"]), list(state["losses"]), list(state["checkpoints"])
+        print(f"ringctl: resumed from {found[0]} (step {start}, attempt {ctx.attempt})", flush=True)
+        if ctx.rank == 0 and not _wandb_kept(ctx.folder, ctx.attempt):
+            ctx.metrics.replay([(i + 1, {"train/loss": loss}) for i, loss in enumerate(losses)])
+    run_id = getattr(getattr(ctx.metrics, "run", None), "id", None) or ""
+    ctx.progress.update(losses=losses, checkpoints=checkpoints, resumed_from_step=start)
+    ctx.stop_at_step_ends()
+    every = int(w.checkpoint_every)
+    mem = PeakMemory(ctx.device)  # what the training steps add, each rank
+    mem.start()
     started = time.perf_counter()
-    for step in range(int(w.steps)):
+    for step in range(start, int(w.steps)):
         seq = batch_at(w, step, table)
         loss = _loss_sum(model, shard(seq[:, :-1]), shard(seq[:, 1:]), positions) / (w.batch * w.seq_len)
         opt.zero_grad(set_to_none=True)
@@ -153,11 +249,26 @@ def run(cfg: Any, ctx: Any) -> dict[str, Any]:
         losses.append(float(total))
         ctx.metrics.log({"train/loss": losses[-1], "train/elapsed_s": time.perf_counter() - started}, step=step + 1)
         done = step + 1
-        if ctx.rank == 0 and (done % int(w.checkpoint_every) == 0 or done == w.steps):
-            checkpoints.append(str(_save_checkpoint(ctx.folder, done, model, opt)))
+        ctx.progress["step"] = done
+        stop = ctx.stop_requested()  # collective: SIGTERM or the warning signal on any rank
+        if done % every == 0 or done == w.steps or stop:
+            path = checkpoint_path(ctx.folder, done)
+            checkpoints.append(str(path))
+            if ctx.rank == 0:
+                save_checkpoint(ctx.folder, done, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(ctx.device),
+                    "losses": losses, "checkpoints": checkpoints, "wandb_run_id": run_id,
+                })
+        if stop:
+            dist.barrier(group=ctx.group)  # the checkpoint is on disk before anyone leaves
+            ctx.stop(done, str(checkpoint_path(ctx.folder, done)))
     elapsed = time.perf_counter() - started
+    trained = max(1, int(w.steps) - start)
     return {
-        "losses": losses, "final_loss": losses[-1], "checkpoints": checkpoints,
-        "times": {"train_s": elapsed, "step_s": elapsed / len(losses)},
-        "tokens_per_s": w.steps * w.batch * w.seq_len / elapsed,
+        "losses": losses, "final_loss": losses[-1], "checkpoints": checkpoints, "resumed_from_step": start,
+        "times": {"train_s": elapsed, "step_s": elapsed / trained},
+        "tokens_per_s": trained * w.batch * w.seq_len / elapsed,
+        "memory": memory_results(ctx, mem.peak(), "the training steps (model forward/backward, "
+                                 "gradient all-reduce, optimizer step, checkpoints) over the level "
+                                 "before the first"),
     }

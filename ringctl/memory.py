@@ -1,0 +1,335 @@
+"""Peak memory per rank of ring attention forward+backward, predicted without torch.
+
+``predict_peak`` says, component by component, what one rank holds at the peak of one
+``ring_attention`` forward and backward beyond what existed before the call (its inputs
+q, k, v and dout are reported apart, in ``inputs``); ``max_seq_len`` inverts it: the
+longest sequence whose peak, inputs included, fits a memory budget. The planner imports
+this module (it stays torch-free); the runtime takes its pass count from ``head_passes``
+here, so prediction and execution cannot drift apart.
+
+What the runtime (ringctl/ring/attention.py) holds, and why:
+
+- The ring runs once per *pass*: a group of K/V heads and their query heads. Heads are
+  independent, so a pass keeps only its own heads' K/V blocks in flight, accumulators and
+  kernel temporaries: 1/P of a shard's worth each (``head_passes``). What must span all
+  heads is the result: out, lse and the gradients dq, dk, dv, in the input dtype.
+- Per pass, double buffering (the price of hiding each hop behind a block's compute): the
+  packed K/V block (also the first receive buffer) and one more; backward also two dK/dV
+  accumulators (one travelling on, one arriving) in the accumulation dtype, and one
+  block's dK/dV computed while its accumulator is still arriving. A hierarchical plan
+  keeps such pairs per ring level.
+- Accumulation is in float32 (float64 for float64): for bf16/fp16 inputs, the pass's
+  merged output (forward) or dq (backward) in float32, and the tile inputs cast to float32
+  one head chunk at a time (the ``torch`` block path: ATen's CPU flash kernel).
+- The block kernels' own temporaries: the torch path computes a tile one head chunk at a
+  time (about 1/8 of a pass's query heads), the Triton path a whole pass at once.
+
+Counts are allocations (CUDA's ``max_memory_allocated`` sees them all); on CPU a buffer's
+pages count in RSS only once written, so the gradients filled pass by pass read up to 1/P
+lower there. bench/memory.py prints this prediction beside the measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ringctl.errors import check_positive_int
+from ringctl.plan import ALGORITHMS, DTYPE_BYTES, LAYOUTS, check_seq_len, seq_len_divisor
+
+#: block implementations: ATen's CPU flash kernel (ringctl/ring/block.py), or the Triton
+#: kernels (CUDA)
+BLOCK_IMPLS = ("torch", "triton")
+
+# The ring makes at most MAX_PASSES passes over the K/V heads. Each pass pays a hop's fixed
+# costs once more per step (about a millisecond on gloo over TCP with a CPU block kernel,
+# tens of microseconds on NCCL), so a pass must keep enough block compute to hide them: at
+# least MIN_PASS_WORK multiply-adds of one block's q.k^T (batch * shard_tokens^2 * query
+# heads of the pass * head_dim), by block implementation.
+MAX_PASSES = 8
+MIN_PASS_WORK = {"torch": 1 << 29, "triton": 1 << 37}
+# The torch block path computes a tile in about this many pieces along the query heads.
+HEAD_CHUNKS = 8
+# ATen's CPU flash kernels: keys per inner tile (scratch per thread).
+_KV_SPLIT = 512
+
+
+def head_passes(
+    *,
+    batch: int,
+    shard_tokens: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_impl: str = "torch",
+) -> int:
+    """How many passes the ring makes: the largest P <= MAX_PASSES dividing ``kv_heads``
+    whose per-pass block work ``batch * shard_tokens**2 * (heads / P) * head_dim`` keeps
+    MIN_PASS_WORK[block_impl]; 1 when none does."""
+    work = batch * shard_tokens * shard_tokens * heads * head_dim
+    fits = [
+        p for p in range(1, MAX_PASSES + 1)
+        if kv_heads % p == 0 and work // p >= MIN_PASS_WORK[block_impl]
+    ]  # fmt: skip
+    return max(fits, default=1)
+
+
+def head_chunk(heads: int, kv_heads: int) -> tuple[int, int]:
+    """(query heads, kv heads) of one head chunk of the torch block path: about
+    ``heads / HEAD_CHUNKS`` query heads, as whole kv head groups when a group is smaller
+    than that, else an equal part of one group (one kv head, broadcast)."""
+    group = heads // kv_heads
+    want = max(1, heads // HEAD_CHUNKS)
+    if want >= group:
+        per = max(1, want // group)
+        return per * group, per
+    return max(d for d in range(1, want + 1) if group % d == 0), 1
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes per rank. ``forward`` and ``backward`` map component -> bytes alive
+    at that phase's peak; ``breakdown`` is the larger of the two (the call's peak), and
+    ``total`` its sum; ``inputs`` (q, k, v, dout shards) exist before the call."""
+
+    forward: dict[str, int]
+    backward: dict[str, int]
+    inputs: int
+    passes: int
+    shard_tokens: int
+    kv_buffers: int  # K/V blocks a pass holds at its peak (per ring level pairs)
+    acc_buffers: int  # dK/dV accumulators a pass holds at its peak
+
+    @property
+    def peak_phase(self) -> str:
+        return "backward" if sum(self.backward.values()) >= sum(self.forward.values()) else "forward"
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return self.backward if self.peak_phase == "backward" else self.forward
+
+    @property
+    def total(self) -> int:
+        """Peak bytes the call adds (what bench/memory.py measures)."""
+        return sum(self.breakdown.values())
+
+    @property
+    def with_inputs(self) -> int:
+        """Peak bytes including the rank's input shards: what must fit in memory."""
+        return self.total + self.inputs
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "peak_bytes": self.total, "peak_bytes_with_inputs": self.with_inputs,
+            "peak_phase": self.peak_phase, "breakdown": dict(self.breakdown),
+            "forward": dict(self.forward), "backward": dict(self.backward),
+            "inputs_bytes": self.inputs, "passes": self.passes, "shard_tokens": self.shard_tokens,
+            "kv_buffers": self.kv_buffers, "acc_buffers": self.acc_buffers,
+        }  # fmt: skip
+
+
+def _check(
+    batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
+    world_size: int, layout: str, algorithm: str, nodes: int, block_impl: str,
+) -> int:  # fmt: skip
+    """Tokens per shard; ValueError (ConfigError) naming the argument otherwise."""
+    for name, value in (
+        ("batch", batch), ("heads", heads), ("kv_heads", kv_heads), ("head_dim", head_dim),
+        ("world_size", world_size), ("nodes", nodes),
+    ):  # fmt: skip
+        check_positive_int(name, value)
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+    for name, choice, allowed in (
+        ("dtype", dtype, tuple(DTYPE_BYTES)), ("layout", layout, LAYOUTS),
+        ("algorithm", algorithm, ALGORITHMS), ("block_impl", block_impl, BLOCK_IMPLS),
+    ):  # fmt: skip
+        if choice not in allowed:
+            raise ValueError(f"{name}={choice!r}; allowed: {', '.join(allowed)}")
+    if algorithm == "hierarchical" and world_size % nodes:
+        raise ValueError(
+            f"nodes={nodes} does not divide world_size={world_size}: a hierarchical ring "
+            "needs the same number of ranks on every node"
+        )
+    return check_seq_len(seq_len, layout, world_size, key="seq_len")
+
+
+def _levels(algorithm: str, world_size: int, nodes: int) -> list[int]:
+    """Ring level sizes, outermost first (as ringctl.ring.schedule)."""
+    if algorithm == "flat":
+        return [world_size]
+    return [nodes, world_size // nodes]
+
+
+def _buffer_counts(levels: list[int]) -> tuple[int, int]:
+    """(K/V blocks, dK/dV accumulators) a pass holds at its peak, per ring level pairs.
+
+    Level 0's K/V pair is seeded with the packed block (so one more buffer once it hops);
+    an inner level starts from the outer level's block and allocates its own pair as its
+    hops need them. Each level's first accumulator is its pair's second buffer; the pair's
+    first is allocated once the level hops."""
+    if all(size == 1 for size in levels):
+        return 0, len(levels)  # a ring of one computes on views; one zeroed accumulator
+    kv = 1 + (1 if levels[0] >= 2 else 0)
+    for size in levels[1:]:
+        kv += (1 if size >= 2 else 0) + (1 if size >= 3 else 0)
+    acc = sum(1 + (1 if size >= 2 else 0) for size in levels)
+    return kv, acc
+
+
+def predict_peak(
+    *,
+    batch: int,
+    seq_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    world_size: int,
+    layout: str = "zigzag",
+    causal: bool = True,
+    algorithm: str = "flat",
+    nodes: int = 1,
+    block_impl: str = "torch",
+    cpu_threads: int = 1,
+) -> MemoryEstimate:
+    """Peak bytes per rank of one ring_attention forward+backward (see the module doc).
+
+    Shapes are global (``seq_len`` is the whole sequence, ``heads`` the query heads);
+    ``algorithm``/``nodes`` as in the RingPlan (hierarchical: ``nodes`` rings of
+    ``world_size / nodes``); a shard holds ``ceil(seq_len / world_size)`` tokens (``docs``
+    pads, the others divide). ``block_impl``: "triton" for the CUDA kernels, "torch" for the
+    CPU path (ATen's flash kernel with ``cpu_threads`` threads). ``causal`` and ``layout``
+    change which blocks are computed, not the peak: every layout's own block has all rows.
+    """
+    s = _check(batch, seq_len, heads, kv_heads, head_dim, dtype, world_size, layout, algorithm,
+               nodes, block_impl)  # fmt: skip
+    e = DTYPE_BYTES[dtype]
+    a = 8 if dtype == "float64" else 4
+    cast = e != a
+    bsd = batch * s * head_dim  # elements of one head of one shard
+    passes = head_passes(
+        batch=batch, shard_tokens=s, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        block_impl=block_impl,
+    )
+    hq, hk = heads // passes, kv_heads // passes
+    n_kv, n_acc = _buffer_counts(_levels(algorithm, world_size, nodes))
+
+    out = bsd * heads * e
+    lse = batch * heads * s * a
+    kv_block = 2 * bsd * hk * e
+    acc_block = 2 * bsd * hk * a
+    pass_q = bsd * hq * a  # one pass's query heads in the accumulation dtype
+    fwd_temps, bwd_temps = _block_temporaries(
+        bsd, hq, hk, a, cast, block_impl, s, cpu_threads, batch
+    )
+    forward = {
+        "out": out,
+        "lse": lse,
+        "merge buffer (pass, float32)": pass_q if cast else 0,
+        "K/V blocks in flight (pass)": n_kv * kv_block,
+        "block temporaries": fwd_temps,
+    }
+    backward = {
+        "out, lse (saved)": out + lse,
+        "dq, dk, dv": out + 2 * bsd * kv_heads * e,
+        "dq accumulator (pass, float32)": pass_q if cast else 0,
+        "K/V blocks in flight (pass)": n_kv * kv_block,
+        "dK/dV accumulators (pass)": n_acc * acc_block,
+        "one block's dK/dV (pass)": acc_block,
+        "block temporaries": bwd_temps,
+    }
+    inputs = bsd * (2 * heads + 2 * kv_heads) * e
+    return MemoryEstimate(forward, backward, inputs, passes, s, n_kv, n_acc)
+
+
+def _block_temporaries(
+    bsd: int, hq: int, hk: int, a: int, cast: bool, block_impl: str, s: int, threads: int,
+    batch: int,
+) -> tuple[int, int]:  # fmt: skip
+    """Bytes alive inside one block call at its largest (all rows, all keys of a shard).
+
+    torch path, per head chunk of nq query / nk kv heads (one chunk's at a time): the tile's
+    inputs cast to the accumulation dtype (q, and dout, out in backward: only when casting;
+    k, v: cast, or copied when several kv heads expand), the kernel's outputs (out; dq, dk,
+    dv over the expanded heads, and the kv heads' sums), ATen's own copy of one query-side
+    operand in backward and its per-thread scratch. Triton path: the kernel's outputs for
+    the whole pass (dq, dk, dv and delta's float32 operands in backward)."""
+    if block_impl == "triton":
+        fwd = bsd * hq * a + batch * hq * s * a
+        bwd = bsd * hq * a + 2 * bsd * hk * a + (2 if cast else 1) * bsd * hq * 4
+        return fwd, bwd
+    nq, nk = head_chunk(hq, hk)
+    q_side = bsd * nq * a  # one head chunk of the query side, accumulation dtype
+    k_conv = bsd * nk * a if cast else 0
+    k_expand = bsd * nq * a if (nk > 1 and nq != nk) else 0
+    kv_inputs = 2 * (k_conv + k_expand)
+    q_split = 256 if s >= 768 else 64 if s >= 192 else 32
+    kv_split = min(_KV_SPLIT, s)
+    head_dim = bsd // (batch * s)
+    scratch_fwd = threads * (q_split * kv_split + 2 * q_split + q_split * head_dim) * a
+    scratch_bwd = threads * 2 * q_split * kv_split * a
+    fwd = (q_side if cast else 0) + kv_inputs + q_side + scratch_fwd
+    head_sum = bsd * nk * a if nq != nk else 0
+    bwd = (
+        (3 * q_side if cast else 0) + kv_inputs  # inputs cast / expanded
+        + q_side + 2 * bsd * nq * a + head_sum  # dq, dk, dv of the chunk
+        + q_side + scratch_bwd  # ATen's copy of an operand, and scratch
+    )  # fmt: skip
+    return fwd, bwd
+
+
+def max_seq_len(
+    memory_bytes: int,
+    *,
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    world_size: int,
+    layout: str = "zigzag",
+    causal: bool = True,
+    algorithm: str = "flat",
+    nodes: int = 1,
+    block_impl: str = "torch",
+    cpu_threads: int = 1,
+    include_inputs: bool = True,
+) -> int:
+    """The longest global ``seq_len`` (a multiple of ``seq_len_divisor``) whose predicted peak
+    per rank (with the input shards, unless ``include_inputs=False``) fits ``memory_bytes``;
+    0 when not even the shortest does.
+
+    The peak grows linearly in seq_len except where a longer shard affords more head passes
+    (``head_passes``), where it drops; past the last such step it only grows, so the search
+    is a bisection there and a scan of the few shorter lengths otherwise."""
+    if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes < 0:
+        raise ValueError(f"memory_bytes={memory_bytes!r} must be an int >= 0")
+    divisor = seq_len_divisor(layout, world_size)
+    if block_impl not in BLOCK_IMPLS:
+        raise ValueError(f"block_impl={block_impl!r}; allowed: {', '.join(BLOCK_IMPLS)}")
+
+    def fits(seq_len: int) -> bool:
+        est = predict_peak(
+            batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            dtype=dtype, world_size=world_size, layout=layout, causal=causal,
+            algorithm=algorithm, nodes=nodes, block_impl=block_impl, cpu_threads=cpu_threads,
+        )  # fmt: skip
+        return (est.with_inputs if include_inputs else est.total) <= memory_bytes
+
+    # shortest length with the most passes it will ever get: the peak only grows past it
+    most = max(p for p in range(1, MAX_PASSES + 1) if kv_heads % p == 0)
+    need = MIN_PASS_WORK[block_impl] * most / (batch * heads * head_dim)  # shard_tokens ** 2
+    shard = int(need**0.5) + 1
+    tail = max(divisor, -(-shard * world_size // divisor) * divisor)
+    if fits(tail):
+        low, high = tail, 2 * tail
+        while fits(high):
+            low, high = high, 2 * high
+        while high - low > divisor:  # fits(low), not fits(high)
+            mid = (low + high) // 2 // divisor * divisor
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+    for seq_len in range(tail - divisor, 0, -divisor):
+        if fits(seq_len):
+            return seq_len
+    return 0
