@@ -231,6 +231,14 @@ def _scancel(env: dict[str, str], job_id: str) -> None:
     subprocess.run(["scancel", job_id.split("_")[0]], env={**os.environ, **env}, timeout=30, check=False)
 
 
+def _newer_jobs(env: dict[str, str], before: list[str]) -> list[str]:
+    """Jobs submitted after `before` was taken: ids above the largest then (SLURM's ids only
+    grow). A plain set comparison races with sacct recording jobs that ended just before."""
+    top = max((int(j.split("_")[0].split(".")[0]) for j in before if j.split("_")[0].split(".")[0].isdigit()), default=0)
+    now = _jobs_known(env)
+    return [j for j in now if j.split("_")[0].split(".")[0].isdigit() and int(j.split("_")[0].split(".")[0]) > top]
+
+
 def _jobs_known(env: dict[str, str]) -> list[str]:
     out = subprocess.run(["sacct", "-a", "-n", "-X", "-P", "-o", "JobID", "-S", "now-1hour"], capture_output=True,
                          text=True, env={**os.environ, **env}, timeout=30, check=False).stdout
@@ -297,7 +305,7 @@ def test_preflight_asks_slurm_and_submits_nothing(cluster_env: dict[str, str], t
     assert len(lines) == 1 and "launcher.partition" in lines[0] and "nope" in lines[0], refused.stderr
     too_big = ringctl(["launch", "+topology=16node", *BASE[1:], "--preflight"], runs, env=cluster_env)
     assert too_big.returncode == 2 and "node configuration is not available" in too_big.stderr, too_big.stderr
-    assert _jobs_known(cluster_env) == before  # --test-only queues nothing
+    assert _newer_jobs(cluster_env, before) == []  # --test-only queues nothing
     assert not runs.exists()
 
 
