@@ -162,7 +162,7 @@ def test_local_warning_signal_requeues_up_to_the_limit(tmp_path: Path) -> None:
     local = Cli(tmp_path)
     launch = local.start(
         "launch", *TRAIN, "launcher=local", "wandb=offline", "workload.steps=100000", "workload.checkpoint_every=3",
-        "+launcher.max_requeues=1", out=tmp_path / "launch.out",
+        "launcher.max_requeues=1", out=tmp_path / "launch.out",
     )
     _, folder = local.job()
     wait_checkpoint(folder, 3)
