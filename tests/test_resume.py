@@ -117,6 +117,8 @@ def test_scontrol_requeue_resumes(cli: Cli, tmp_path: Path) -> None:
     assert stopped and "SIGTERM on every rank" in stopped[0]["reason"]
     assert results["resumed_from_step"] >= 4
     assert record(folder, 0, attempt=0)["state"] == "stopped"
+    # `ringctl launch` reports the end from rank 0's result file; sacct records it a little later
+    wait_for(lambda: cli.sacct(job_id) not in ("", "PENDING", "RUNNING", "REQUEUED", "COMPLETING"), 60, "the job's end in sacct")
     assert cli.sacct(job_id) == "COMPLETED"
     # job control on the ended job tells the truth: nothing to cancel, exit 1
     cancelled = cli("cancel", job_id)
