@@ -32,6 +32,7 @@ lower there. bench/memory.py prints this prediction beside the measured peaks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ringctl.errors import check_positive_int
 from ringctl.plan import ALGORITHMS, DTYPE_BYTES, LAYOUTS, check_seq_len, seq_len_divisor
@@ -46,9 +47,11 @@ BLOCK_IMPLS = ("torch", "triton")
 # least MIN_PASS_WORK multiply-adds of one block's q.k^T (batch * shard_tokens^2 * query
 # heads of the pass * head_dim), by block implementation.
 MAX_PASSES = 8
-MIN_PASS_WORK = {"torch": 1 << 29, "triton": 1 << 37}
-# The torch block path computes a tile in about this many pieces along the query heads.
+MIN_PASS_WORK = {"torch": 1 << 28, "triton": 1 << 37}
+# The torch block path computes a tile in about this many pieces along the query heads, and,
+# where it casts q (bf16/fp16), in pieces of at most MAX_TILE_ROWS query rows.
 HEAD_CHUNKS = 8
+MAX_TILE_ROWS = 1024
 # ATen's CPU flash kernels: keys per inner tile (scratch per thread).
 _KV_SPLIT = 512
 
@@ -117,7 +120,8 @@ class MemoryEstimate:
         """Peak bytes including the rank's input shards: what must fit in memory."""
         return self.total + self.inputs
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: totals, the peak's breakdown, both phases, passes and buffer counts."""
         return {
             "peak_bytes": self.total, "peak_bytes_with_inputs": self.with_inputs,
             "peak_phase": self.peak_phase, "breakdown": dict(self.breakdown),
@@ -248,8 +252,8 @@ def _block_temporaries(
 ) -> tuple[int, int]:  # fmt: skip
     """Bytes alive inside one block call at its largest (all rows, all keys of a shard).
 
-    torch path, per head chunk of nq query / nk kv heads (one chunk's at a time): the tile's
-    inputs cast to the accumulation dtype (q, and dout, out in backward: only when casting;
+    torch path, per tile (of at most MAX_TILE_ROWS rows when casting) and head chunk of nq
+    query / nk kv heads (one at a time): the tile's inputs cast to the accumulation dtype (q, and dout, out in backward: only when casting;
     k, v: cast, or copied when several kv heads expand), the kernel's outputs (out; dq, dk,
     dv over the expanded heads, and the kv heads' sums), ATen's own copy of one query-side
     operand in backward and its per-thread scratch. Triton path: the kernel's outputs for
@@ -259,20 +263,21 @@ def _block_temporaries(
         bwd = bsd * hq * a + 2 * bsd * hk * a + (2 if cast else 1) * bsd * hq * 4
         return fwd, bwd
     nq, nk = head_chunk(hq, hk)
-    q_side = bsd * nq * a  # one head chunk of the query side, accumulation dtype
+    head_dim = bsd // (batch * s)
+    rows = min(s, MAX_TILE_ROWS) if cast else s  # row pieces only where q is cast
+    q_side = batch * rows * nq * head_dim * a  # one tile's query side, accumulation dtype
     k_conv = bsd * nk * a if cast else 0
     k_expand = bsd * nq * a if (nk > 1 and nq != nk) else 0
     kv_inputs = 2 * (k_conv + k_expand)
-    q_split = 256 if s >= 768 else 64 if s >= 192 else 32
+    q_split = 256 if rows >= 768 else 64 if rows >= 192 else 32
     kv_split = min(_KV_SPLIT, s)
-    head_dim = bsd // (batch * s)
     scratch_fwd = threads * (q_split * kv_split + 2 * q_split + q_split * head_dim) * a
     scratch_bwd = threads * 2 * q_split * kv_split * a
     fwd = (q_side if cast else 0) + kv_inputs + q_side + scratch_fwd
     head_sum = bsd * nk * a if nq != nk else 0
     bwd = (
         (3 * q_side if cast else 0) + kv_inputs  # inputs cast / expanded
-        + q_side + 2 * bsd * nq * a + head_sum  # dq, dk, dv of the chunk
+        + q_side + 2 * bsd * nq * a + head_sum  # dq, dk, dv of the tile
         + q_side + scratch_bwd  # ATen's copy of an operand, and scratch
     )  # fmt: skip
     return fwd, bwd

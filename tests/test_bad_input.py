@@ -435,8 +435,8 @@ API_CASES = {
 }
 
 
-# the API's own checks live in ringctl/ring/; a negative scale is still accepted there
-KNOWN_GAPS = {"softmax_scale -1": "ringctl/ring/attention.py _check_scale accepts softmax_scale <= 0"}
+# the API's own checks live in ringctl/ring/
+KNOWN_GAPS: dict[str, str] = {}  # case -> why it is still accepted (a strict xfail until fixed)
 
 
 @pytest.mark.parametrize(

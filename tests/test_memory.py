@@ -3,7 +3,8 @@
 Predictor tests are arithmetic on its own outputs: a breakdown that sums to the total,
 peaks that grow with what they should, max_seq_len the inverse of predict_peak. The runtime
 tests run ring_attention on gloo processes with several head passes forced (the pass
-threshold lowered in the workers) and check what the prediction assumes: as many passes as
+threshold lowered in the workers, tiles cut into pieces of 3 rows) and check what the
+prediction assumes: as many passes as
 ``head_passes`` says, as many K/V and dK/dV buffers as the estimate counts, outputs and
 gradients still equal to float64 SDPA, and bytes per link class still the plan's. Nothing
 here times anything or reads RSS (bench/memory.py compares predicted and measured peaks).
@@ -47,7 +48,7 @@ def test_breakdown_sums_to_the_total(block_impl: str, dtype: str, algorithm: str
     assert est.total == max(sum(est.forward.values()), sum(est.backward.values()))
     assert est.with_inputs == est.total + est.inputs
     assert all(v >= 0 for v in (*est.forward.values(), *est.backward.values()))
-    d: dict[str, Any] = est.to_dict()
+    d = est.to_dict()
     assert d["peak_bytes"] == est.total and sum(d["breakdown"].values()) == est.total
 
 
@@ -177,9 +178,17 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from ringctl.ring import attention, comm_stats, reset_comm_stats, ring_attention, shard_sequence
+    from ringctl.ring import (
+        attention,
+        block,
+        comm_stats,
+        reset_comm_stats,
+        ring_attention,
+        shard_sequence,
+    )  # fmt: skip
 
     memory.MIN_PASS_WORK = {"torch": 1, "triton": 1}  # as many passes as the heads allow
+    block._max_rows = lambda q, acc: 3  # and tiles cut in row pieces (diagonal ones from m > 1)
     runs: list[Any] = []
     real_run = attention._Ring.run
 
@@ -212,8 +221,9 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
             for r in backward
         ]  # fmt: skip
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        ql, kl, vl = (x.transpose(1, 2) for x in leaves)
-        ref = F.scaled_dot_product_attention(ql, kl, vl, is_causal=True, enable_gqa=True).transpose(1, 2)
+        tq, tk, tv = (x.transpose(1, 2) for x in leaves)
+        ref = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+        ref = ref.transpose(1, 2)
         want = [ref, *torch.autograd.grad(ref, leaves, dout)]
         errors = [
             float((g.detach() - shard_sequence(w_.detach(), position, world)).abs().max())

@@ -36,6 +36,7 @@ from .schedule import Schedule, make_schedule
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,9 +105,7 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(
-        ctx: Any, dout: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.spec)
         return dq, dk, dv, None
@@ -138,8 +137,9 @@ def _passes(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, slice]]:
     are independent, so a pass holds only its heads' blocks, accumulators, temporaries)."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
-    impl = "triton" if block_impl_for(q) == "triton" else "torch"
-    n = head_passes(batch=b, shard_tokens=s, heads=hq, kv_heads=hkv, head_dim=d, block_impl=impl)
+    n = head_passes(
+        batch=b, shard_tokens=s, heads=hq, kv_heads=hkv, head_dim=d, block_impl=block_impl_for(q)
+    )
     per, group = hkv // n, hq // hkv
     return [(slice(j * per * group, (j + 1) * per * group), slice(j * per, (j + 1) * per))
             for j in range(n)]  # fmt: skip
@@ -167,6 +167,7 @@ def _ring_forward(
         _forward_pass(comm, spec, pos, merged, lse[:, qh], q[:, :, qh], _pack(k, v, kh, spec))
         if cast:
             out[:, :, qh] = merged
+        del merged  # not alive through the next pass
     return out, lse
 
 
@@ -228,6 +229,7 @@ def _ring_backward(
         dv[:, :, kh] = home[1]
         if cast:
             dq[:, :, qh] = dq_pass
+        del home, dq_pass  # not alive through the next pass
     return dq, dk, dv
 
 
@@ -272,8 +274,9 @@ def _backward_pass(
 def _pack(
     k: torch.Tensor, v: torch.Tensor, heads: slice, spec: _RingSpec
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """K and V of ``heads`` as the (2, B, S, h, D) block that travels: one contiguous copy,
-    which is also the first of the ring's two receive buffers. A ring of one sends nothing
+    """K and V of ``heads`` as the (2, B, S, h, D) block that travels: one contiguous copy
+    per pass (a pass's heads are not contiguous in k and v), which is also the second of
+    level 0's two K/V buffers (received into from step 1 on). A ring of one sends nothing
     and computes on views."""
     if spec.schedule.world_size == 1:
         return k[:, :, heads], v[:, :, heads]
@@ -427,8 +430,10 @@ def _check_scale(softmax_scale: object, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise ValueError(f"softmax_scale={softmax_scale!r} must be a float or None")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be finite")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(
+            f"softmax_scale={softmax_scale!r} must be a finite number > 0 (or None for 1/sqrt(head_dim))"
+        )
     return float(softmax_scale)
 
 

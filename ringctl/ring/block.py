@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ringctl.memory import head_chunk
+from ringctl.memory import MAX_TILE_ROWS, head_chunk
 
 from .merge import acc_dtype, merge_block
 
@@ -207,7 +207,13 @@ class Tile:
     visible: torch.Tensor | None = None  # bool (rows, keys) when neither none nor causal
 
 
-def tiles(sq: int, sk: int, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> list[Tile]:
+def tiles(
+    sq: int,
+    sk: int,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
+    max_rows: int | None = None,
+) -> list[Tile]:
     """The visible part of a block as tiles; [] if no query sees any key.
 
     Row i sees the first ``n_i`` keys, ``n`` non-decreasing. The rows that see something
@@ -217,10 +223,14 @@ def tiles(sq: int, sk: int, q_pos: torch.Tensor | None, k_pos: torch.Tensor | No
     (tiles of one row range merge by log-sum-exp like blocks). Every block the layouts give
     is one run (a shard's own block a diagonal from 1, a zigzag off-diagonal block a
     plateau); runs shorter than MIN_RUN_ROWS (irregular masks) go to explicit-mask tiles of
-    up to CHUNK_ROWS rows.
+    up to CHUNK_ROWS rows. With ``max_rows``, a run is cut into tiles of at most that many
+    rows, so a call's query-side temporaries (casts, dq, the kernel's own copy) stay that
+    small while every row is still computed once per block; a diagonal's later pieces start
+    at m > 1.
     """
+    cap = max_rows or max(sq, 1)
     if q_pos is None or k_pos is None:
-        return [Tile(slice(0, sq), slice(0, sk))]
+        return [Tile(slice(r, min(r + cap, sq)), slice(0, sk)) for r in range(0, sq, cap)]
     counts = torch.searchsorted(k_pos.cpu(), q_pos.cpu(), right=True)  # keys seen, per row
     first = int((counts == 0).sum())  # rows that see nothing come first
     runs = _runs(counts[first:], first)
@@ -228,19 +238,21 @@ def tiles(sq: int, sk: int, q_pos: torch.Tensor | None, k_pos: torch.Tensor | No
     whole = len(runs) == 1
     out: list[Tile] = []
     loose: list[int] = []  # rows of short runs, waiting for explicit-mask tiles
-    for start, stop, kind in runs:
-        if stop - start < MIN_RUN_ROWS and not whole:
-            loose.extend(range(start, stop))
+    for run_start, run_stop, kind in runs:
+        if run_stop - run_start < MIN_RUN_ROWS and not whole:
+            loose.extend(range(run_start, run_stop))
             continue
         out += _explicit(loose, n, q_pos.device)
         loose = []
-        rows, m = slice(start, stop), n[start]
-        if kind == "plateau":
-            out.append(Tile(rows, slice(0, m)))
-            continue
-        if m > 1:
-            out.append(Tile(rows, slice(0, m - 1)))
-        out.append(Tile(rows, slice(m - 1, m - 1 + stop - start), causal=True))
+        for start in range(run_start, run_stop, cap):
+            stop = min(start + cap, run_stop)
+            rows, m = slice(start, stop), n[start]
+            if kind == "plateau":
+                out.append(Tile(rows, slice(0, m)))
+                continue
+            if m > 1:
+                out.append(Tile(rows, slice(0, m - 1)))
+            out.append(Tile(rows, slice(m - 1, m - 1 + stop - start), causal=True))
     return out + _explicit(loose, n, q_pos.device)
 
 
@@ -327,21 +339,22 @@ def _mask_of(tile: Tile, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return mask.masked_fill_(~tile.visible, float("-inf"))
 
 
-def _tile_inputs(
-    tile: Tile,
-    heads: tuple[slice, slice],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tile's q rows and k/v keys of one head chunk, in ``dtype``, kv heads expanded."""
+def _max_rows(q: torch.Tensor, acc: torch.dtype) -> int | None:
+    """Rows per tile: MAX_TILE_ROWS when q is cast (bf16/fp16: each call's casts of q, dout
+    and out are then that small), else whole runs (fewer calls; float32 has no casts)."""
+    return MAX_TILE_ROWS if q.dtype != acc else None
+
+
+def _kv_inputs(
+    heads: tuple[slice, slice], k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v of one head chunk (all keys) in ``dtype``, kv heads expanded to the chunk's
+    query heads: cast once per chunk, then sliced by every tile of the block."""
     qh, kh = heads
     n = qh.stop - qh.start
     return (
-        _dense(q[:, tile.rows, qh], dtype),
-        _expand_heads(_dense(k[:, tile.keys, kh], dtype), n),
-        _expand_heads(_dense(v[:, tile.keys, kh], dtype), n),
+        _expand_heads(_dense(k[:, :, kh], dtype), n),
+        _expand_heads(_dense(v[:, :, kh], dtype), n),
     )
 
 
@@ -381,13 +394,16 @@ def _torch_forward_into(
     path: str | None = None,
 ) -> None:
     tile_forward = _tile_path(q, path)[0]
-    for tile in tiles(q.shape[1], k.shape[1], q_pos, k_pos):
-        mask = _mask_of(tile, out.dtype, q.device)
-        for heads in head_chunks(q.shape[2], k.shape[2]):
-            qt, kt, vt = _tile_inputs(tile, heads, q, k, v, out.dtype)
-            o, l = tile_forward(qt, kt, vt, scale, tile, mask)
+    found = tiles(q.shape[1], k.shape[1], q_pos, k_pos, _max_rows(q, out.dtype))
+    for heads in head_chunks(q.shape[2], k.shape[2]) if found else ():
+        kc, vc = _kv_inputs(heads, k, v, out.dtype)
+        for tile in found:
+            qt = _dense(q[:, tile.rows, heads[0]], out.dtype)
+            mask = _mask_of(tile, out.dtype, q.device)
+            o, l = tile_forward(qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, mask)
             merge_block(out[:, tile.rows, heads[0]], lse[:, heads[0], tile.rows], o, l)
-            del qt, kt, vt, o, l  # before the next chunk's: only one chunk's temporaries live
+            del qt, o, l  # before the next tile's: only one tile's temporaries live
+        del kc, vc
 
 
 def _torch_backward(
@@ -427,23 +443,26 @@ def _torch_backward_into(
 ) -> None:
     acc = dq.dtype
     tile_backward = _tile_path(q, path)[1]
-    for tile in tiles(q.shape[1], k.shape[1], q_pos, k_pos):
-        mask = _mask_of(tile, acc, q.device)
-        rows = tile.rows
-        for heads in head_chunks(q.shape[2], k.shape[2]):
-            qh, kh = heads
-            qt, kt, vt = _tile_inputs(tile, heads, q, k, v, acc)
+    found = tiles(q.shape[1], k.shape[1], q_pos, k_pos, _max_rows(q, acc))
+    for heads in head_chunks(q.shape[2], k.shape[2]) if found else ():
+        qh, kh = heads
+        n_kv = kh.stop - kh.start
+        kc, vc = _kv_inputs(heads, k, v, acc)
+        for tile in found:
+            rows = tile.rows
             grads = _Grads(
                 _dense(dout[:, rows, qh], acc), _dense(out[:, rows, qh], acc),
                 lse[:, qh, rows].to(acc),
             )  # fmt: skip
-            gq, gk, gv = tile_backward(grads, qt, kt, vt, scale, tile, mask)
-            del qt, kt, vt, grads
-            n_kv = kh.stop - kh.start
+            qt = _dense(q[:, rows, qh], acc)
+            mask = _mask_of(tile, acc, q.device)
+            gq, gk, gv = tile_backward(grads, qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, mask)
+            del qt, grads
             dq[:, rows, qh] += gq
             dk[:, tile.keys, kh] += _sum_heads(gk, n_kv)
             dv[:, tile.keys, kh] += _sum_heads(gv, n_kv)
-            del gq, gk, gv  # before the next chunk's: only one chunk's temporaries live
+            del gq, gk, gv  # before the next tile's: only one tile's temporaries live
+        del kc, vc
 
 
 def _tile_path(q: torch.Tensor, path: str | None) -> tuple[Any, Any]:

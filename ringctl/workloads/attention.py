@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from types import TracebackType
 from typing import Any
@@ -165,10 +166,13 @@ class PeakMemory:
     ``reset_peak_memory_stats``) minus what was allocated at ``start``. CPU on Linux: the
     kernel's resident-set high-water mark (VmHWM), reset by writing "5" to
     /proc/self/clear_refs, minus the RSS at ``start``; the kernel raises the mark before any
-    page leaves the resident set, so no transient is missed, however short. glibc serves
-    small and medium blocks from heap it kept after earlier frees, which a section reuses
-    without raising RSS: on CPU the figure reads low unless the process runs with
-    ``MALLOC_MMAP_THRESHOLD_`` set (bench/memory.py sets 65536). ``peak()`` is None where
+    page leaves the resident set, so no transient is missed, however short. ``start`` first
+    has glibc hand back the heap it keeps from earlier frees (``malloc_trim``): reused
+    without that, such memory would serve the section without raising RSS and the figure
+    would read low. With ``exact``, glibc also maps every block over 64 KiB on its own until
+    ``stop`` (``mallopt(M_MMAP_THRESHOLD)``, as ``MALLOC_MMAP_THRESHOLD_=65536`` would), so
+    RSS follows the live tensors instead of the heap's fragments; each such allocation then
+    costs page faults, so a timed section should not be exact. ``peak()`` is None where
     neither source exists.
 
         with PeakMemory(device) as mem:
@@ -176,15 +180,27 @@ class PeakMemory:
         mem.bytes
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, exact: bool = False) -> None:
         self.device = device
+        self.exact = exact and device.type != "cuda"
         self.level: int | None = None
         self.bytes: int | None = None
 
     def start(self) -> None:
         """Take the current level and reset the high-water mark to it."""
+        if self.device.type != "cuda":
+            if self.exact:
+                _mmap_threshold(_EXACT_MMAP_THRESHOLD)
+            _trim_heap()
         self.restart()
         self.level = self._current()
+
+    def stop(self) -> int | None:
+        """The peak so far (``peak()``); glibc's mmap threshold back to its usual ceiling."""
+        self.bytes = self.peak()
+        if self.exact:
+            _mmap_threshold(_GLIBC_MMAP_THRESHOLD_MAX)
+        return self.bytes
 
     def restart(self) -> None:
         """Reset the high-water mark only (the level stays the one ``start`` took)."""
@@ -221,7 +237,28 @@ class PeakMemory:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.bytes = self.peak()
+        self.stop()
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_EXACT_MMAP_THRESHOLD = 64 << 10
+_GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # where glibc's own dynamic threshold stops (64-bit)
+
+
+def _mmap_threshold(size: int) -> None:
+    """glibc: serve blocks of ``size`` bytes or more by their own mappings (no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, size)
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim_heap() -> None:
+    """glibc: return freed heap memory to the kernel (no-op where there is no glibc)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -272,7 +309,7 @@ def memory(ctx: Any) -> dict[str, Any]:
     w = ctx.cfg.workload
     dtype = getattr(torch, w.dtype)
     q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device))
-    with PeakMemory(ctx.device) as mem:
+    with PeakMemory(ctx.device, exact=True) as mem:
         kept = fwd_bwd(ctx, q, k, v, dout)
     del kept
     return memory_results(ctx, mem.bytes, "one ring_attention forward+backward")

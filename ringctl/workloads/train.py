@@ -268,7 +268,7 @@ def run(cfg: Any, ctx: Any) -> dict[str, Any]:
         "losses": losses, "final_loss": losses[-1], "checkpoints": checkpoints, "resumed_from_step": start,
         "times": {"train_s": elapsed, "step_s": elapsed / trained},
         "tokens_per_s": trained * w.batch * w.seq_len / elapsed,
-        "memory": memory_results(ctx, mem.peak(), "the training steps (model forward/backward, "
+        "memory": memory_results(ctx, mem.stop(), "the training steps (model forward/backward, "
                                  "gradient all-reduce, optimizer step, checkpoints) over the level "
-                                 "before the first"),
+                                 "before the first (on CPU: RSS, with glibc's heap reuse)"),
     }
