@@ -35,8 +35,9 @@ ALGORITHMS = ("flat", "hierarchical")
 RING_CHOICES = ("auto", *ALGORITHMS)
 #: ring order of a flat ring: node-contiguous (topology-aware) or rank order (the baseline)
 ORDERS = ("node", "rank")
-#: sequence layouts (workload.layout): which global tokens each ring position holds
-LAYOUTS = ("contiguous", "zigzag", "striped")
+#: sequence layouts (workload.layout): which global tokens each ring position holds; `docs`
+#: splits every packed document head-and-tail over the positions (ringctl.documents)
+LAYOUTS = ("contiguous", "zigzag", "striped", "docs")
 #: the two passes of one attention call; byte counters and predictions are kept per phase
 PHASES = ("forward", "backward")
 #: dtype names (workload.dtype) and their element size
@@ -49,19 +50,24 @@ MAX_SEQ_LEN = 2**31
 
 def seq_len_divisor(layout: str, world_size: int) -> int:
     """A global sequence must be a multiple of this to split under `layout` over
-    `world_size` ring positions: zigzag cuts it in 2W chunks, the others in W shards."""
+    `world_size` ring positions: zigzag cuts it in 2W chunks, contiguous and striped in W
+    shards; docs takes any length (1): its shards hold ceil(S / W) rows, fewer than W of
+    them internal padding in all."""
     if layout not in LAYOUTS:
         raise ConfigError("workload.layout", layout, " | ".join(LAYOUTS))
+    if layout == "docs":
+        return 1
     return 2 * world_size if layout == "zigzag" else world_size
 
 
 def check_seq_len(seq_len: object, layout: str, world_size: int, key: str = "workload.seq_len") -> int:
-    """Tokens per shard; ConfigError naming `key` when `layout` cannot split `seq_len`."""
+    """Tokens per shard (padded ones included); ConfigError naming `key` when `layout`
+    cannot split `seq_len`."""
     div = seq_len_divisor(layout, world_size)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1 or seq_len % div:
         how = f"2 x world size {world_size} chunks" if layout == "zigzag" else f"world size {world_size} shards"
         raise ConfigError(key, seq_len, f"a positive multiple of {div} ({layout} splits it in {how})")
-    return seq_len // world_size
+    return -(-seq_len // world_size)
 #: backward FLOPs / forward FLOPs of blockwise attention (recompute of P, then dV, dP, dQ, dK)
 BACKWARD_FLOP_RATIO = 2.5
 
@@ -525,7 +531,7 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
     w = workload
     W = plan.world_size
     s = plan.check_seq_len(w.seq_len)
-    balanced = w.causal and plan.layout in ("zigzag", "striped")
+    balanced = w.causal and plan.layout in ("zigzag", "striped", "docs")
     # a causal ring step waits on its busiest rank: balanced layouts halve every block's
     # work on average; contiguous leaves some ranks a full block every step
     causal_factor = 0.5 if balanced else 1.0

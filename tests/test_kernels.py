@@ -201,6 +201,150 @@ def test_fully_masked_rows_are_zero_not_nan() -> None:
     assert (dq[:, hidden] == 0).all()
 
 
+# ---------------------------------------------------------------- masks given as key ranges
+
+
+def visible_matrix(
+    q_pos: list[int], k_pos: list[int], cu: list[int], causal: bool, window: tuple[int, int]
+) -> torch.Tensor:
+    """(Sq, Sk) bool: the mask written out element by element (the definition, not ranges)."""
+    def doc(x: int) -> int:
+        return next((d for d in range(len(cu) - 1) if cu[d] <= x < cu[d + 1]), -1)
+
+    left, right = window
+    out = torch.zeros(len(q_pos), len(k_pos), dtype=torch.bool)
+    for r, i in enumerate(q_pos):
+        for c, j in enumerate(k_pos):
+            out[r, c] = (
+                doc(i) >= 0 and doc(i) == doc(j) and not (causal and j > i)
+                and (left < 0 or i - j <= left) and (right < 0 or j - i <= right)
+            )  # fmt: skip
+    return out
+
+
+def ranges_of(visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row [lo, hi) of a mask whose rows are contiguous and ascending; a row that sees
+    nothing gets the empty range where the previous row's ended."""
+    lo, hi, end = [], [], 0
+    for row in visible:
+        cols = row.nonzero().flatten().tolist()
+        if cols:
+            assert cols == list(range(cols[0], cols[-1] + 1)), "rows must be contiguous"
+            lo.append(cols[0])
+            end = cols[-1] + 1
+        else:
+            lo.append(end)
+        hi.append(end)
+    return torch.tensor(lo), torch.tensor(hi)
+
+
+def reference_masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+@dataclass(frozen=True)
+class MaskCase:
+    """Two kv blocks of a packed sequence (documents ``cu``; positions from cu[-1] on are
+    padding) seen by one query block; ranges derived from the written-out mask."""
+
+    name: str
+    q_pos: list[int]
+    k_pos: list[list[int]]
+    cu: list[int]
+    causal: bool
+    window: tuple[int, int] = (-1, -1)
+    hq: int = 4
+    hkv: int = 2
+
+
+# docs-layout-like shards of W=2 (documents of 21, 1, 30 and 18 tokens; 10 padding tokens)
+_DOC_Q = _r(0, 6) + _r(15, 21) + [21] + _r(22, 30) + _r(44, 52) + _r(52, 57) + _r(66, 70) + _r(70, 80)
+_DOC_K = [x for x in range(80) if x not in _DOC_Q]
+MASK_CASES = [
+    MaskCase("docs-causal", _r(0, 45), [_r(0, 45), _r(45, 90)], [0, 7, 8, 30, 45, 70], True),
+    MaskCase("docs-full", _r(20, 60), [_r(0, 40), _r(40, 80)], [0, 25, 26, 64], False),
+    MaskCase("window-causal", _r(0, 70), [_r(0, 35), _r(35, 70)], [0, 70], True, (9, -1)),
+    MaskCase("window-both", _r(10, 50), [_r(0, 40), _r(40, 80)], [0, 33, 80], False, (4, 6), 2, 1),
+    MaskCase("docs-layout", _DOC_Q, [_DOC_Q, _DOC_K], [0, 21, 22, 52, 70], True),
+    MaskCase("docs-layout-window", _DOC_K, [_DOC_Q, _DOC_K], [0, 21, 22, 52, 70], True, (5, 0)),
+]
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: c.name)
+def test_masks_as_ranges_float32(case: MaskCase) -> None:
+    """Forward per block + merge, backward per block, against the float64 reference with the
+    mask written out; every case has rows that see nothing in some block (skipped tiles)."""
+    gen = torch.Generator().manual_seed(len(case.q_pos))
+    d, sq = 16, len(case.q_pos)
+    q = torch.randn(1, case.hq, sq, d, generator=gen).transpose(1, 2)
+    ks = [torch.randn(1, len(kp), case.hkv, d, generator=gen) for kp in case.k_pos]
+    vs = [torch.randn(1, len(kp), case.hkv, d, generator=gen) for kp in case.k_pos]
+    dout = torch.randn(1, sq, case.hq, d, generator=gen)
+    masks = [visible_matrix(case.q_pos, kp, case.cu, case.causal, case.window) for kp in case.k_pos]
+    scale, (atol, rtol) = d**-0.5, TOL[torch.float32]
+    parts = []
+    for k, v, visible in zip(ks, vs, masks):
+        out_b, lse_b = block_forward(q, k, v, scale=scale, ranges=ranges_of(visible))
+        ref_out_b, ref_lse_b = reference_masked(q.double(), k.double(), v.double(), scale, visible)
+        torch.testing.assert_close(out_b.double(), ref_out_b, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse_b.double(), ref_lse_b, atol=atol, rtol=rtol)
+        parts.append((out_b, lse_b))
+    out, lse = merge(parts)
+    qd = q.double().requires_grad_()
+    kd = [k.double().requires_grad_() for k in ks]
+    vd = [v.double().requires_grad_() for v in vs]
+    ref_out, _ = reference_masked(qd, torch.cat(kd, 1), torch.cat(vd, 1), scale, torch.cat(masks, 1))
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=atol, rtol=rtol)
+    ref_out.backward(dout.double())
+    dq = torch.zeros_like(out)
+    for i, (k, v, visible) in enumerate(zip(ks, vs, masks)):
+        dq_b, dk_b, dv_b = block_backward(
+            dout, q, k, v, out, lse, scale=scale, ranges=ranges_of(visible)
+        )
+        dq += dq_b
+        torch.testing.assert_close(dk_b.double(), kd[i].grad, atol=atol, rtol=rtol)
+        torch.testing.assert_close(dv_b.double(), vd[i].grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dq.double(), qd.grad, atol=atol, rtol=rtol)
+    hidden = ~torch.cat(masks, 1).any(1)  # padding rows: zeros, never NaN
+    assert hidden.any() == (max(case.q_pos) >= case.cu[-1])
+    assert (out[:, hidden] == 0).all() and (dq[:, hidden] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "ranges, match",
+    [
+        ((torch.tensor([0, 2, 1, 3, 3, 3, 3, 3]), torch.full((8,), 4)), "lo must not decrease"),
+        ((torch.zeros(8, dtype=torch.int64), torch.tensor([1, 2, 3, 2, 4, 4, 4, 4])),
+         "hi must not decrease"),
+        ((torch.full((8,), 3), torch.full((8,), 2)), "lo <= hi"),
+        ((torch.zeros(8, dtype=torch.int64), torch.full((8,), 9)), "hi <= 8"),
+        ((torch.zeros(7, dtype=torch.int64), torch.full((7,), 8)), "length 8"),
+        ((torch.zeros(8), torch.full((8,), 8.0)), "integer"),
+    ],
+    ids=["lo-order", "hi-order", "lo-gt-hi", "hi-past-keys", "length", "float"],
+)
+def test_bad_ranges_raise(ranges: tuple[torch.Tensor, torch.Tensor], match: str) -> None:
+    q, kv = _qkv()
+    with pytest.raises(ValueError, match=match):
+        block_forward(q, kv, kv, scale=0.25, ranges=ranges)
+
+
+def test_ranges_and_positions_are_exclusive() -> None:
+    q, kv = _qkv()
+    with pytest.raises(ValueError, match="not both"):
+        block_forward(q, kv, kv, scale=0.25, q_pos=torch.arange(8), k_pos=torch.arange(8),
+                      ranges=(torch.zeros(8, dtype=torch.int64), torch.full((8,), 8)))
+
+
 @pytest.mark.parametrize(
     "dtype, head_dim",
     [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 32)],

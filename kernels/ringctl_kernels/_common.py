@@ -1,12 +1,15 @@
 """What the forward and backward kernels share: the dot policy, input checks, mask tables.
 
-The mask tables turn the global token positions of docs/internals.md ("query i sees key j
-iff k_pos[j] <= q_pos[i]", positions ascending within a shard) into prefix counts, so a
-kernel tests one integer comparison per element and knows, per tile, which tiles are
-fully visible (no mask), partly visible (mask) or hidden (skipped):
+A block's mask reaches the kernels as *ranges*: query row i sees keys ``lo[i] <= j < hi[i]``
+with ``lo`` and ``hi`` non-decreasing down the rows. That is the whole mask of any block the
+ring computes (ringctl.ring.mask: documents, causal and windows over ascending positions);
+causal positions alone (``q_pos``/``k_pos``: "query i sees key j iff k_pos[j] <= q_pos[i]")
+are the case ``lo = 0``. The tables hold both directions, so a kernel tests two integer
+comparisons per element and knows, per tile, whether it is fully visible (no mask), partly
+visible (mask) or hidden (never loaded):
 
-- ``kv_visible[i]`` = number of keys query row i sees; they are keys ``0 .. kv_visible[i]-1``.
-- ``q_first[j]``   = first query row that sees key j; rows ``q_first[j] ..`` all see it.
+- ``kv_lo[i], kv_hi[i]``: the keys query row i sees.
+- ``q_lo[j], q_hi[j]``: the query rows that see key j (contiguous too, as lo/hi ascend).
 """
 
 from __future__ import annotations
@@ -63,6 +66,25 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     else:
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
+
+
+@triton.jit
+def _tile_bounds(lo, hi, ok, N, BLOCK: tl.constexpr):
+    """Loop bounds, over the other side's tiles of BLOCK, for one tile of rows that see
+    ``[lo, hi)`` (``ok``: real rows; the others carry lo = N, hi = 0): masked tiles in
+    ``[first, full_lo)``, tiles every row sees whole in ``[full_lo, full_hi)``, masked in
+    ``[full_hi, last)``. Tiles outside every row's range are never visited."""
+    any_lo = tl.min(lo)
+    last = tl.max(hi)
+    all_lo = tl.max(tl.where(ok, lo, 0))
+    all_hi = tl.min(tl.where(ok, hi, N))
+    first = (any_lo // BLOCK) * BLOCK
+    full_lo = ((all_lo + BLOCK - 1) // BLOCK) * BLOCK
+    full_hi = (all_hi // BLOCK) * BLOCK
+    none = full_hi <= full_lo
+    full_lo = tl.where(none, first, full_lo)
+    full_hi = tl.where(none, first, full_hi)
+    return first, full_lo, full_hi, last
 
 
 @dataclass(frozen=True)
@@ -149,14 +171,16 @@ def check_like(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch
 
 @dataclass(frozen=True)
 class MaskTables:
-    """Prefix-count form of the position mask (see module docstring); None = no mask."""
+    """Range form of the mask (see module docstring); all None = no mask."""
 
-    kv_visible: torch.Tensor | None  # (Sq,) int32
-    q_first: torch.Tensor | None  # (Sk,) int32
+    kv_lo: torch.Tensor | None  # (Sq,) int32
+    kv_hi: torch.Tensor | None  # (Sq,) int32
+    q_lo: torch.Tensor | None  # (Sk,) int32
+    q_hi: torch.Tensor | None  # (Sk,) int32
 
     @property
-    def has_pos(self) -> bool:
-        return self.kv_visible is not None
+    def has_mask(self) -> bool:
+        return self.kv_lo is not None
 
 
 def _check_pos(name: str, pos: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
@@ -179,22 +203,56 @@ def mask_tables(
     sq: int,
     sk: int,
     device: torch.device,
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MaskTables:
-    """Validate the positions and build the prefix counts on ``device``."""
+    """Validate causal positions or key ranges and build the tables on ``device``."""
     if (q_pos is None) != (k_pos is None):
         raise ValueError("q_pos and k_pos must both be given or both be None (no mask)")
-    if q_pos is None or k_pos is None:
-        return MaskTables(None, None)
-    qp = _check_pos("q_pos", q_pos, sq, device)
-    kp = _check_pos("k_pos", k_pos, sk, device)
-    # one host sync for both order checks (the kernels' tile skipping relies on the order)
-    q_bad, k_bad = torch.stack((_descending(qp), _descending(kp))).tolist()
-    for name, bad in (("q_pos", q_bad), ("k_pos", k_bad)):
+    if ranges is not None and q_pos is not None:
+        raise ValueError("give either q_pos/k_pos (causal positions) or ranges, not both")
+    if ranges is not None:
+        lo, hi = _check_ranges(ranges, sq, sk, device)
+    elif q_pos is not None and k_pos is not None:
+        qp = _check_pos("q_pos", q_pos, sq, device)
+        kp = _check_pos("k_pos", k_pos, sk, device)
+        # one host sync for both order checks (the kernels' tile skipping relies on the order)
+        q_bad, k_bad = torch.stack((_descending(qp), _descending(kp))).tolist()
+        for name, bad in (("q_pos", q_bad), ("k_pos", k_bad)):
+            if bad:
+                raise ValueError(f"{name} must be sorted ascending (every ringctl layout gives that)")
+        hi = torch.searchsorted(kp, qp, right=True)
+        lo = torch.zeros_like(hi)
+    else:
+        return MaskTables(None, None, None, None)
+    keys = torch.arange(sk, device=device, dtype=torch.int64)
+    q_lo = torch.searchsorted(hi, keys, right=True, out_int32=True)  # first row with hi > j
+    q_hi = torch.searchsorted(lo, keys, right=True, out_int32=True)  # rows with lo <= j
+    return MaskTables(
+        lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(),
+        q_lo.contiguous(), q_hi.contiguous(),
+    )  # fmt: skip
+
+
+def _check_ranges(
+    ranges: object, sq: int, sk: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(ranges, (tuple, list)) or len(ranges) != 2:
+        raise ValueError(f"ranges must be a pair (lo, hi) of 1-D int tensors of length {sq}")
+    lo = _check_pos("ranges[0] (lo)", ranges[0], sq, device)
+    hi = _check_pos("ranges[1] (hi)", ranges[1], sq, device)
+    if sq == 0:
+        return lo, hi
+    checks = torch.stack((
+        _descending(lo), _descending(hi), (lo > hi).any(), lo[0] < 0, hi[-1] > sk,
+    )).tolist()  # fmt: skip
+    problems = (
+        "lo must not decrease down the rows", "hi must not decrease down the rows",
+        "lo <= hi on every row", "lo >= 0", f"hi <= {sk} (the keys given)",
+    )  # fmt: skip
+    for bad, problem in zip(checks, problems, strict=True):
         if bad:
-            raise ValueError(f"{name} must be sorted ascending (every ringctl layout gives that)")
-    kv_visible = torch.searchsorted(kp, qp, right=True, out_int32=True)
-    q_first = torch.searchsorted(qp, kp, right=False, out_int32=True)
-    return MaskTables(kv_visible.contiguous(), q_first.contiguous())
+            raise ValueError(f"ranges (lo, hi) are not a block mask: need {problem}")
+    return lo, hi
 
 
 def strides(t: torch.Tensor) -> tuple[int, int, int, int]:

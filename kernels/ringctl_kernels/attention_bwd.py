@@ -19,6 +19,7 @@ from ._common import (
     LOG2E,
     DotPolicy,
     _dot,
+    _tile_bounds,
     check_like,
     check_qkv,
     choose_configs,
@@ -30,7 +31,7 @@ from ._common import (
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-              kv_vis, lo, hi, Sk, qk_scale, offs_n, offs_d,
+              kv_lo, kv_hi, lo, hi, Sk, qk_scale, offs_n, offs_d,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -48,7 +49,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stri
         s = _dot(q, tl.trans(k), zeros, DOT_FP32, PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            p = tl.where(cols[None, :] < kv_vis[:, None], p, 0.0)
+            seen = (cols[None, :] >= kv_lo[:, None]) & (cols[None, :] < kv_hi[:, None])
+            p = tl.where(seen, p, 0.0)
         dp = _dot(do, vt, zeros, DOT_FP32, PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_FP32, PRECISION)
@@ -56,7 +58,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stri
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvVisible,
+def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvLo, KvHi,
                stride_qb, stride_qs, stride_qh, stride_qd,
                stride_kb, stride_ks, stride_kh, stride_kd,
                stride_vb, stride_vs, stride_vh, stride_vd,
@@ -64,7 +66,7 @@ def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvVisible,
                stride_dqb, stride_dqs, stride_dqh, stride_dqd,
                Sq, Sk, Hq, GROUP, scale, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_POS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+               HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // Hq).to(tl.int64)
@@ -87,22 +89,23 @@ def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvVisible,
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
 
-    if HAS_POS:
-        kv_vis = tl.load(KvVisible + offs_m, mask=row_ok, other=0)
-        n_all = tl.min(tl.where(row_ok, kv_vis, Sk))
-        n_any = tl.max(kv_vis)
+    if HAS_MASK:
+        kv_lo = tl.load(KvLo + offs_m, mask=row_ok, other=Sk)
+        kv_hi = tl.load(KvHi + offs_m, mask=row_ok, other=0)
     else:
-        kv_vis = tl.zeros([BLOCK_M], dtype=tl.int32) + Sk
-        n_all = Sk
-        n_any = Sk
-    full_hi = (n_all // BLOCK_N) * BLOCK_N
+        kv_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        kv_hi = tl.zeros([BLOCK_M], dtype=tl.int32) + Sk
+    lo, full_lo, full_hi, hi = _tile_bounds(kv_lo, kv_hi, row_ok, Sk, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                   kv_vis, 0, full_hi, Sk, qk_scale, offs_n, offs_d,
+                   kv_lo, kv_hi, lo, full_lo, Sk, qk_scale, offs_n, offs_d,
+                   BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                   kv_lo, kv_hi, full_lo, full_hi, Sk, qk_scale, offs_n, offs_d,
                    BLOCK_M, BLOCK_N, False, DOT_FP32, PRECISION)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                   kv_vis, full_hi, n_any, Sk, qk_scale, offs_n, offs_d,
+                   kv_lo, kv_hi, full_hi, hi, Sk, qk_scale, offs_n, offs_d,
                    BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION)
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq * scale, mask=row_ok[:, None])
@@ -111,7 +114,7 @@ def _dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvVisible,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 stride_qm, stride_qd, stride_dom, stride_dod,
-                q_first, lo, hi, Sq, qk_scale, offs_m, offs_d,
+                q_lo, q_hi, lo, hi, Sq, qk_scale, offs_m, offs_d,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
@@ -130,7 +133,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         st = _dot(k, tl.trans(q), zeros, DOT_FP32, PRECISION) * qk_scale
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
-            pt = tl.where(rows[None, :] >= q_first[:, None], pt, 0.0)
+            seen = (rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None])
+            pt = tl.where(seen, pt, 0.0)
         dv = _dot(pt.to(do.dtype), do, dv, DOT_FP32, PRECISION)
         dpt = _dot(v, tl.trans(do), zeros, DOT_FP32, PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -139,7 +143,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QFirst,
+def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QLo, QHi,
                  stride_qb, stride_qs, stride_qh, stride_qd,
                  stride_kb, stride_ks, stride_kh, stride_kd,
                  stride_vb, stride_vs, stride_vh, stride_vd,
@@ -147,7 +151,7 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QFirst,
                  stride_dkb, stride_dks, stride_dkh, stride_dkd,
                  Sq, Sk, Hq, Hkv, GROUP, scale, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_POS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                 HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // Hkv).to(tl.int64)
@@ -162,16 +166,13 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QFirst,
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vs
                 + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
 
-    if HAS_POS:
-        q_first = tl.load(QFirst + offs_n, mask=col_ok, other=Sq)
-        m_any = tl.min(q_first)  # first row that sees some key of the tile
-        m_all = tl.max(tl.where(col_ok, q_first, 0))  # rows from here on see every key
+    if HAS_MASK:
+        q_lo = tl.load(QLo + offs_n, mask=col_ok, other=Sq)
+        q_hi = tl.load(QHi + offs_n, mask=col_ok, other=0)
     else:
-        q_first = tl.zeros([BLOCK_N], dtype=tl.int32)
-        m_any = 0
-        m_all = 0
-    masked_lo = (m_any // BLOCK_M) * BLOCK_M
-    full_lo = ((m_all + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        q_lo = tl.zeros([BLOCK_N], dtype=tl.int32)
+        q_hi = tl.zeros([BLOCK_N], dtype=tl.int32) + Sq
+    lo, full_lo, full_hi, hi = _tile_bounds(q_lo, q_hi, col_ok, Sq, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -182,12 +183,16 @@ def _dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QFirst,
         row_base = (off_b * Hq + off_h) * Sq
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                              stride_qs, stride_qd, stride_dos, stride_dod,
-                             q_first, masked_lo, full_lo, Sq, qk_scale, offs_m, offs_d,
+                             q_lo, q_hi, lo, full_lo, Sq, qk_scale, offs_m, offs_d,
                              BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                              stride_qs, stride_qd, stride_dos, stride_dod,
-                             q_first, full_lo, Sq, Sq, qk_scale, offs_m, offs_d,
+                             q_lo, q_hi, full_lo, full_hi, Sq, qk_scale, offs_m, offs_d,
                              BLOCK_M, BLOCK_N, False, DOT_FP32, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
+                             stride_qs, stride_qd, stride_dos, stride_dod,
+                             q_lo, q_hi, full_hi, hi, Sq, qk_scale, offs_m, offs_d,
+                             BLOCK_M, BLOCK_N, True, DOT_FP32, PRECISION)
     # dK and dV share one layout (both allocated here as (B, Sk, Hkv, D) contiguous)
     kv_off = off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
     tl.store(DK + kv_off, dk * scale, mask=col_ok[:, None])
@@ -236,13 +241,13 @@ def _prune_dkdv(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
 _dq = triton.autotune(
     configs=_dq_configs(),
-    key=["Sq", "Sk", "HEAD_DIM", "HAS_POS"],
+    key=["Sq", "Sk", "HEAD_DIM", "HAS_MASK"],
     prune_configs_by={"early_config_prune": _prune_dq},
 )(_dq_kernel)
 
 _dkdv = triton.autotune(
     configs=_dkdv_configs(),
-    key=["Sq", "Sk", "HEAD_DIM", "HAS_POS", "GROUP"],
+    key=["Sq", "Sk", "HEAD_DIM", "HAS_MASK", "GROUP"],
     prune_configs_by={"early_config_prune": _prune_dkdv},
 )(_dkdv_kernel)
 
@@ -258,13 +263,14 @@ def block_backward(
     scale: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one (q block, kv block) pair: ``(dq, dk, dv)`` in fp32.
 
     ``out`` (B,Sq,Hq,D) and ``lse`` (B,Hq,Sq) are the ring's final merged values, not this
     block's; ``dout`` is cast to q's dtype for the tensor-core products (as FlashAttention
     does). dk/dv are (B,Sk,Hkv,D), summed over each kv head's query group. Rows with
-    lse = -inf contribute nothing.
+    lse = -inf contribute nothing. The mask (positions or ``ranges``) as in ``block_forward``.
     """
     check_qkv(q, k, v, scale)
     b, sq, hq, d = q.shape
@@ -272,7 +278,7 @@ def block_backward(
     check_like("dout", dout, (b, sq, hq, d), q.device)
     check_like("out", out, (b, sq, hq, d), q.device)
     check_like("lse", lse, (b, hq, sq), q.device)
-    tables = mask_tables(q_pos, k_pos, sq, sk, q.device)
+    tables = mask_tables(q_pos, k_pos, sq, sk, q.device, ranges)
     dq = torch.zeros((b, sq, hq, d), dtype=torch.float32, device=q.device)
     dk = torch.zeros((b, sk, hkv, d), dtype=torch.float32, device=q.device)
     dv = torch.zeros((b, sk, hkv, d), dtype=torch.float32, device=q.device)
@@ -284,8 +290,9 @@ def block_backward(
     # FlashAttention-2's delta against the FINAL out; a -inf row has out = 0, so delta = 0
     delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1).transpose(1, 2).contiguous()
     group = hq // hkv
-    kv_visible = tables.kv_visible if tables.has_pos else lse  # unused pointer when no mask
-    q_first = tables.q_first if tables.has_pos else lse
+    # unused pointers when there is no mask
+    kv_lo, kv_hi, q_lo, q_hi = (t if t is not None else lse for t in (
+        tables.kv_lo, tables.kv_hi, tables.q_lo, tables.q_hi))
 
     def dq_grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(sq, meta["BLOCK_M"]), b * hq
@@ -294,15 +301,15 @@ def block_backward(
         return triton.cdiv(sk, meta["BLOCK_N"]), b * hkv
 
     _dq[dq_grid](
-        q, k, v, do, lse, delta, dq, kv_visible,
+        q, k, v, do, lse, delta, dq, kv_lo, kv_hi,
         *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq),
         sq, sk, hq, group, scale, scale * LOG2E,
-        HEAD_DIM=d, HAS_POS=tables.has_pos, DOT_FP32=policy.dot_fp32, PRECISION=policy.precision,
+        HEAD_DIM=d, HAS_MASK=tables.has_mask, DOT_FP32=policy.dot_fp32, PRECISION=policy.precision,
     )
     _dkdv[dkdv_grid](
-        q, k, v, do, lse, delta, dk, dv, q_first,
+        q, k, v, do, lse, delta, dk, dv, q_lo, q_hi,
         *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk),
         sq, sk, hq, hkv, group, scale, scale * LOG2E,
-        HEAD_DIM=d, HAS_POS=tables.has_pos, DOT_FP32=policy.dot_fp32, PRECISION=policy.precision,
+        HEAD_DIM=d, HAS_MASK=tables.has_mask, DOT_FP32=policy.dot_fp32, PRECISION=policy.precision,
     )
     return dq, dk, dv
