@@ -156,10 +156,10 @@ def leftovers(cluster: DevCluster) -> list[str]:
     left += [f"netns {ns}" for ns in netns if ns.split("-", 1)[-1] in names]
     if cluster.net_index is not None:
         links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-        prefixes = (f"rcbr{cluster.net_index}", f"rc{cluster.net_index}n")
+        bridge, veths = f"rcbr{cluster.net_index}", (f"rc{cluster.net_index}n", f"rc{cluster.net_index}m")
         left += [
             f"link {name}" for name in (line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
-            if name == prefixes[0] or name.startswith(prefixes[1])
+            if name == bridge or name.startswith(veths)
         ]
     for pid_dir in Path("/proc").glob("[0-9]*"):
         try:
