@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,17 @@ STAGES = {
     "COMPLETED": "done", "FINISHED": "done", "CANCELLED": "cancelled", "STOPPED": "cancelled",
 }
 COLORS = {"queued": "yellow", "running": "cyan", "done": "green", "failed": "red", "cancelled": "magenta"}
-#: SLURM states after which the job will not run again (PREEMPTED only when it stays so:
-#: a preempted job with --requeue passes through it on its way back to PENDING)
+#: SLURM states after which the job will not run again (NODE_FAIL and PREEMPTED only when
+#: they stay so: see REQUEUE_PASSAGE)
 TERMINAL = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
     "DEADLINE", "REVOKED", "FINISHED", "STOPPED",
 }
-#: seconds a PREEMPTED state must persist before a follower takes it as final
+#: states a job submitted with --requeue (ringctl's are, unless told no_requeue) passes through on its way
+#: back to PENDING after its node failed or it was preempted: sacct shows them while the old
+#: allocation completes, then the requeued job; final only when they persist
+REQUEUE_PASSAGE = ("PREEMPTED", "NODE_FAIL")
+#: seconds a REQUEUE_PASSAGE state must persist before a follower takes it as final
 PREEMPTED_FINAL_S = 60.0
 #: seconds without an answer from SLURM (sacct) before `ringctl launch` stops following
 LOST_CONTACT_S = 600.0
@@ -71,27 +76,59 @@ class SlurmUnreachable(RuntimeError):
     """sacct gave no answer (slurmdbd or slurmctld down, no SLURM here): carries its text."""
 
 
-def slurm_states(job_ids: list[str], timeout: float = 30) -> dict[str, str]:
+def slurm_states(job_ids: list[str], timeout: float = 30, starts: dict[str, float] | None = None) -> dict[str, str]:
     """job id -> SLURM state for all of `job_ids` with ONE sacct call ("CANCELLED by 0" ->
     "CANCELLED"); an id sacct does not know yet is left out. Array tasks ("123_4") are asked
-    by their array id and read from its rows ("123_[5-7]" while pending)."""
+    by their array id and read from its rows ("123_[5-7]" while pending). `starts`, when
+    given, receives the start (epoch s) of each job's latest allocation: after a requeue,
+    files older than it are an earlier attempt's. A job sacct shows in a REQUEUE_PASSAGE
+    state is asked of slurmctld too (one squeue call): sacct keeps a requeued job's
+    NODE_FAIL until it starts again, squeue knows it is PENDING."""
     if not job_ids:
         return {}
     bases = sorted({j.split("_")[0] for j in job_ids})
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(bases)]
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State,Start", "-j", ",".join(bases)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SlurmUnreachable(f"sacct: {exc}") from exc
     if done.returncode != 0:
         raise SlurmUnreachable(f"sacct: {(done.stderr or done.stdout).strip() or f'exit {done.returncode}'}")
-    return _read_sacct(done.stdout)
+    starts = {} if starts is None else starts
+    states = _read_sacct(done.stdout, starts)
+    passing = [j for j in job_ids if states.get(j, "").upper().startswith(REQUEUE_PASSAGE)]
+    for job, (state, start) in _queued_again(passing, timeout).items():
+        states[job] = state
+        if start is not None:
+            starts[job] = start
+    return states
 
 
-def _read_sacct(text: str) -> dict[str, str]:
+def _queued_again(job_ids: list[str], timeout: float) -> dict[str, tuple[str, float | None]]:
+    """Of jobs sacct shows ended by a node failure or preemption, those slurmctld has back
+    in its queue (or already running again): job id -> (squeue's state, its start: the
+    expected one while pending, so every file of the attempt before is older)."""
+    if not job_ids:
+        return {}
+    cmd = ["squeue", "-h", "-o", "%i|%T|%S", "-j", ",".join(job_ids)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}  # slurmctld unreachable: sacct's state stands (a follower waits PREEMPTED_FINAL_S)
+    out: dict[str, tuple[str, float | None]] = {}
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        job, state, start = (line.split("|") + ["", ""])[:3]
+        job, state = job.strip(), state.strip()
+        if job in job_ids and STAGES.get(state) in ("queued", "running") and state not in ("COMPLETING", "CANCELLING"):
+            out[job] = (state, _sacct_time(start))
+    return out
+
+
+def _read_sacct(text: str, starts: dict[str, float] | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in text.splitlines():
-        job, _, state = line.partition("|")
+        job, _, rest = line.partition("|")
+        state, _, start = rest.partition("|")
         job, state = job.strip(), state.strip().split(" ")[0]
         if not job or "." in job or not state:
             continue
@@ -104,7 +141,18 @@ def _read_sacct(text: str) -> dict[str, str]:
                         out[f"{base}_{i}"] = state
         else:
             out[job] = state
+            when = _sacct_time(start)
+            if starts is not None and when is not None:
+                starts[job] = when
     return out
+
+
+def _sacct_time(text: str) -> float | None:
+    """sacct's local ISO time as epoch seconds; None for "Unknown"/"None" (not started)."""
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
 
 
 # ---- jobs on disk ----------------------------------------------------------------------------
@@ -134,10 +182,14 @@ class JobRef:
         cls = submitit.SlurmJob if self.kind == "slurm" else submitit.LocalJob
         return cls(folder=self.folder, job_id=self.job_id)
 
-    def task_outcome(self, task: int = 0) -> str | None:
-        """'success' | 'error' from submitit's result pickle, None while there is none."""
+    def task_outcome(self, task: int = 0, since: float | None = None) -> str | None:
+        """'success' | 'error' from submitit's result pickle, None while there is none (or
+        only one written before `since`: an earlier attempt's, e.g. before a node failure)."""
         path = self.folder / f"{self.job_id}_{task}_result.pkl"
-        if not path.exists():
+        try:
+            if since is not None and path.stat().st_mtime < since:
+                return None
+        except OSError:
             return None
         try:
             with open(path, "rb") as f:
@@ -166,21 +218,25 @@ class JobRef:
             return process_start_time(pid) == self.pid_start
         return _cmdline_mentions(pid, str(self.folder.parent))
 
-    def state(self, slurm_state: str | None = None) -> str:
-        """SLURM's state (sacct; pass it when already asked for many jobs at once) or,
-        locally: RUNNING / COMPLETED / FAILED / CANCELLED."""
-        outcome = self.task_outcome()
+    def state(self, slurm_state: str | None = None, start: float | None = None) -> str:
+        """SLURM's state (sacct; pass it, and its allocation's `start`, when already asked
+        for many jobs at once) or, locally: RUNNING / COMPLETED / FAILED / CANCELLED."""
         if self.kind == "slurm":
             if slurm_state is None:
+                starts: dict[str, float] = {}
                 try:
-                    slurm_state = slurm_states([self.job_id]).get(self.job_id, "PENDING")
+                    slurm_state = slurm_states([self.job_id], starts=starts).get(self.job_id, "PENDING")
                 except SlurmUnreachable:
                     slurm_state = "UNKNOWN"
+                start = starts.get(self.job_id)
+            # a result of an attempt before a requeue (a node failure's) is not this one's
+            outcome = self.task_outcome(since=start)
             state = slurm_state
             if state.upper() in ("UNKNOWN", "", "RUNNING", "COMPLETING") and outcome is not None:
                 # sacct lags behind the result file rank 0 writes as it ends
                 return "COMPLETED" if outcome == "success" else "FAILED"
             return state
+        outcome = self.task_outcome()
         alive = self.controller_alive()
         if (self.folder / CANCELLED_MARK).exists():
             return "CANCELLING" if alive else "CANCELLED"
@@ -333,9 +389,10 @@ class _Tracker:
     def poll(self) -> None:
         slurm = [j.job_id for j in self.jobs if j.kind == "slurm"]
         answer: dict[str, str] | None = None
+        starts: dict[str, float] = {}
         if slurm:
             try:
-                answer = slurm_states(slurm)
+                answer = slurm_states(slurm, starts=starts)
                 self.last_answer, self.trouble = time.monotonic(), ""
             except SlurmUnreachable as exc:
                 self.trouble = str(exc)
@@ -345,12 +402,12 @@ class _Tracker:
             ref = JobRef(item.job_id, item.folder, item.kind, pid_start=self.pid_start.get(item.job_id))
             if item.kind == "slurm":
                 known = self.states.get(item.job_id, "PENDING")
-                state = ref.state(answer.get(item.job_id, known) if answer is not None else "UNKNOWN")
+                state = ref.state(answer.get(item.job_id, known) if answer is not None else "UNKNOWN", starts.get(item.job_id))
                 if answer is None and not is_terminal(state):
                     state = known  # no answer: the job is where it was last seen
             else:
                 state = ref.state()
-            if state.upper().startswith("PREEMPTED"):
+            if state.upper().startswith(REQUEUE_PASSAGE):
                 self.preempted_since.setdefault(item.job_id, time.monotonic())
             else:
                 self.preempted_since.pop(item.job_id, None)

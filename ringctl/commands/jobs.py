@@ -48,16 +48,17 @@ def _states(refs: list[JobRef]) -> tuple[dict[str, str], str]:
     """Every job's state, SLURM's asked with one sacct call; and sacct's trouble, if any."""
     slurm = [r.job_id for r in refs if r.kind == "slurm"]
     answer: dict[str, str] = {}
+    starts: dict[str, float] = {}
     trouble = ""
     if slurm:
         try:
-            answer = slurm_states(slurm)
+            answer = slurm_states(slurm, starts=starts)
         except SlurmUnreachable as exc:
             trouble = str(exc)
     states = {}
     for ref in refs:
         if ref.kind == "slurm":
-            states[ref.job_id] = ref.state(answer.get(ref.job_id, "UNKNOWN" if trouble else "PENDING"))
+            states[ref.job_id] = ref.state(answer.get(ref.job_id, "UNKNOWN" if trouble else "PENDING"), starts.get(ref.job_id))
         else:
             states[ref.job_id] = ref.state()
     return states, trouble
