@@ -326,9 +326,24 @@ def _task_exits(folder: Path, job_id: str, kind: str, attempt: int) -> dict[int,
         text = (folder / f"{job_id}_0_log.err").read_text(errors="replace")
     except OSError:
         return {}
-    # this attempt's lines only: after the last requeue SLURM appended to the same file
-    marker = text.rfind("DUE TO JOB REQUEUE")
-    return srun_exits(text[marker:] if marker >= 0 and attempt > 0 else text)
+    return srun_exits(_latest_attempt_lines(text) if attempt > 0 else text)
+
+
+#: what SLURM writes into a job's log when it ends an allocation and requeues the job
+REQUEUE_MARKERS = ("DUE TO JOB REQUEUE", "DUE TO NODE FAILURE", "DUE TO PREEMPTION")
+
+
+def _latest_attempt_lines(text: str) -> str:
+    """The latest attempt's part of a log SLURM appends every attempt to: from the first
+    task start (submitit's "Starting with") after the last requeue marker; the lines
+    between are the ended allocation's (srun's "Killed" lines after a node failure)."""
+    marker = max(text.rfind(m) for m in REQUEUE_MARKERS)
+    if marker < 0:
+        return text
+    begun = text.find("Starting with", marker)
+    if begun < 0:
+        return text[marker:]
+    return text[text.rfind("\n", 0, begun) + 1 :]
 
 
 def job_failure(folder: Path, job_id: str, kind: str) -> Any:

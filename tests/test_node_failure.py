@@ -194,3 +194,22 @@ def test_lost_node_requeues_and_resumes_from_checkpoint(cli: Cli, slurm_cluster:
     assert "requeued 1x" in status.stdout, status.stdout
     print(f"node {node} lost at step >= {2 * CHECKPOINT_EVERY}; job back in the queue after {requeued_s:.1f} s; "
           f"resumed from step {results['resumed_from_step']}")
+
+
+def test_a_retry_is_not_blamed_for_the_lost_allocation_s_killed_tasks() -> None:
+    """After a node failure SLURM writes its notice, then the ended allocation's srun lines
+    ("Killed"), then the retry's own: only the retry's count for its failure."""
+    from ringctl.health import srun_exits
+    from ringctl.jobs import _latest_attempt_lines
+
+    log = (
+        "submitit INFO (2026-11-30 14:00:00,000) - Starting with JobEnvironment(job_id=7, rank=0)\n"
+        "slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-11-30T14:00:05 DUE TO NODE FAILURE ***\n"
+        "srun: error: node2: tasks 2-3: Killed\n"
+        "submitit INFO (2026-11-30 14:00:20,000) - Starting with JobEnvironment(job_id=7, rank=0)\n"
+        "srun: error: node1: task 1: Exited with exit code 1\n"
+    )
+    latest = _latest_attempt_lines(log)
+    assert "Killed" not in latest and latest.startswith("submitit INFO (2026-11-30 14:00:20")
+    assert srun_exits(latest) == srun_exits("srun: error: node1: task 1: Exited with exit code 1\n")
+    assert srun_exits(latest) != srun_exits(log)
