@@ -16,8 +16,7 @@ example fails `test_every_readme_command_is_accounted_for` until it is placed he
   to still do so): the calibrate pair (about two minutes) and the custom-workload example;
 - synopsis lines (`ringctl status [JOB|FOLDER] ...`) are run in each of their forms.
 
-The only change to a command: the train example's 200 steps (the README says they take 1-2
-minutes locally) run as 10 here, `workload.steps=10` appended (Hydra: the last value wins).
+Every command runs exactly as the README writes it.
 One job per distinct command; about two to three minutes on 2 cores.
 """
 
@@ -60,7 +59,7 @@ EXAMPLES: dict[str, Example] = {
     "ringctl plan +topology=16node topology.distribution=cyclic --json": LOCAL,
     "ringctl plan +topology=4node topology.ring=flat workload.seq_len=262144 workload.dtype=bfloat16 --png ring.png": LOCAL,
     "ringctl launch +topology=2node launcher=slurm launcher.partition=gpu launcher.time_min=30": Example("syntax", GPU_PARTITION),
-    "ringctl launch +topology=2node workload=train workload.steps=200": LOCAL,
+    "ringctl launch +topology=2node workload=train workload.steps=10": LOCAL,
     "ringctl launch +topology=2node workload=custom workload.entry=mypkg.mod:main": LOCAL,
     "ringctl launch +topology=2node wait=false": LOCAL,
     "ringctl launch +topology=2node --cfg job": LOCAL,
@@ -302,10 +301,10 @@ def test_wait_false_returns_at_once_then_cancel(local: Shell) -> None:
 
 
 def test_train_example_and_its_metrics(local: Shell) -> None:
-    """The train line as written but for its length: 10 of its 200 steps (one checkpoint)."""
-    command = "ringctl launch +topology=2node workload=train workload.steps=200"
-    out = ok(local.run(command, "workload.steps=10"))
-    entry = local.last_job(overrides=[*command.split()[2:], "workload.steps=10"])
+    """The train line as written: 10 steps, one checkpoint."""
+    command = "ringctl launch +topology=2node workload=train workload.steps=10"
+    out = ok(local.run(command))
+    entry = local.last_job(overrides=command.split()[2:])
     results = results_of(entry)
     losses = results["losses"]
     assert len(losses) == 10 and losses[-1] < losses[0]
