@@ -38,13 +38,14 @@ def node_name() -> str:
 
 
 def link_kwargs(topology_cfg: Any) -> dict[str, Any]:
-    """The Topology fields that discovery cannot see (link classes, NICs, FLOP rate)."""
+    """The Topology fields that discovery cannot see (link classes, NICs, FLOP rate, memory)."""
     from ringctl.topology import Topology
 
     base = Topology.from_config(topology_cfg)
     return {
         "intra": base.intra, "inter": base.inter,
         "nics_per_node": base.nics_per_node, "compute_tflops": base.compute_tflops,
+        "memory_per_rank_GB": base.memory_per_rank_GB,
     }
 
 

@@ -545,7 +545,8 @@ def validate(cfg: Any) -> Resources:
         raise ConfigError("wandb.mode", "online", "offline | disabled, or set WANDB_API_KEY in the environment")
     work = cfg.workload
     _check_workload(work)
-    plan, _ = plan_from_config(planned_topology(cfg, res), cfg.topology, cfg.workload)
+    plan, workload = plan_from_config(planned_topology(cfg, res), cfg.topology, cfg.workload)
+    check_memory(cfg, res, plan, workload)
     if work.name == "attention" and work.get("check"):
         check_seq_len(work.check_seq_len, plan.layout, plan.world_size, key="workload.check_seq_len")
     if work.name == "custom":
@@ -568,6 +569,29 @@ def validate(cfg: Any) -> Resources:
                 )
     _check_no_secrets(cfg)
     return res
+
+
+def check_memory(cfg: Any, res: Resources, plan: Any, workload: Any) -> Any:
+    """Refuse (ConfigError on workload.seq_len, naming every key that drives the peak) a job
+    whose predicted peak per rank, one ring_attention fwd+bwd with its input shards
+    (ringctl.memory), exceeds topology.memory_per_rank_GB; the MemoryCheck otherwise.
+    GPU ranks are priced with the Triton kernels, CPU ranks with the torch block path and
+    the threads the job will give each rank."""
+    from ringctl.memory import check_plan_memory, memory_refusal
+    from ringctl.topology import Topology
+
+    limit = Topology.from_config(cfg.topology).memory_per_rank_bytes
+    if res.gpus_per_node > 0:
+        impl, threads = "triton", cpus_per_task(cfg.launcher, res.gpus_per_node)
+    elif res.kind == "slurm":
+        impl, threads = "torch", cpus_per_task(cfg.launcher, 0)
+    else:  # local: every rank on this machine, cores shared (ringctl.job.choose_threads)
+        impl, threads = "torch", cfg.launcher.get("cpus_per_task") or max(1, len(os.sched_getaffinity(0)) // res.world_size)
+    check = check_plan_memory(plan, workload, limit, block_impl=impl, cpu_threads=int(threads))
+    error = memory_refusal(check, workload.seq_len)
+    if error is not None:
+        raise error
+    return check
 
 
 def _check_entry(entry: str) -> None:

@@ -27,6 +27,10 @@ What the runtime (ringctl/ring/attention.py) holds, and why:
 Counts are allocations (CUDA's ``max_memory_allocated`` sees them all); on CPU a buffer's
 pages count in RSS only once written, so the gradients filled pass by pass read up to 1/P
 lower there. bench/memory.py prints this prediction beside the measured peaks.
+
+``check_plan_memory`` prices a RingPlan and its Workload against the topology's
+``memory_per_rank_GB``: ``ringctl plan`` shows it, ``ringctl launch`` refuses a job that does
+not fit (``memory_refusal``) before anything is submitted.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ringctl.errors import check_positive_int
-from ringctl.plan import ALGORITHMS, DTYPE_BYTES, LAYOUTS, check_seq_len, seq_len_divisor
+from ringctl.errors import ConfigError, check_positive_int
+from ringctl.plan import ALGORITHMS, DTYPE_BYTES, LAYOUTS, MAX_SEQ_LEN, check_seq_len, seq_len_divisor
 
 #: block implementations: ATen's CPU flash kernel (ringctl/ring/block.py), or the Triton
 #: kernels (CUDA)
@@ -338,3 +342,72 @@ def max_seq_len(
         if fits(seq_len):
             return seq_len
     return 0
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """A plan's predicted peak per rank against the topology's memory per rank: what
+    ``ringctl plan`` shows and ``ringctl launch`` refuses on. ``limit_bytes`` None: the
+    topology does not say (nothing to check; ``max_seq_len`` None too)."""
+
+    estimate: MemoryEstimate
+    limit_bytes: int | None
+    max_seq_len: int | None
+    block_impl: str
+    cpu_threads: int
+
+    @property
+    def fits(self) -> bool:
+        """The peak with the input shards fits the limit (True when the limit is unknown)."""
+        return self.limit_bytes is None or self.estimate.with_inputs <= self.limit_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the estimate (``predict_peak``'s), the limit, whether it fits and the
+        longest sequence that would (``max_seq_len``), with what the prediction assumed."""
+        return {
+            **self.estimate.to_dict(),
+            "memory_per_rank_bytes": self.limit_bytes,
+            "fits": self.fits,
+            "max_seq_len": self.max_seq_len,
+            "block_impl": self.block_impl,
+            "cpu_threads": self.cpu_threads,
+        }
+
+
+def check_plan_memory(
+    plan: Any, workload: Any, limit_bytes: int | None, *, block_impl: str = "torch", cpu_threads: int = 1
+) -> MemoryCheck:
+    """``predict_peak`` and ``max_seq_len`` for a RingPlan (its world size, layout, ring
+    algorithm and nodes) and a planner Workload (its global shapes and dtype) against
+    ``limit_bytes`` per rank. ``block_impl``: "triton" for GPU ranks, "torch" for CPU ranks."""
+    shapes = {
+        "batch": workload.batch, "heads": workload.heads, "kv_heads": workload.kv_heads,
+        "head_dim": workload.head_dim, "dtype": workload.dtype, "world_size": plan.world_size,
+        "layout": plan.layout, "causal": workload.causal, "algorithm": plan.algorithm,
+        "nodes": plan.nodes, "block_impl": block_impl, "cpu_threads": cpu_threads,
+    }  # fmt: skip
+    est = predict_peak(seq_len=workload.seq_len, **shapes)
+    longest = None
+    if limit_bytes is not None:  # never past what the planner accepts (workload.seq_len <= 2**31)
+        divisor = seq_len_divisor(plan.layout, plan.world_size)
+        longest = min(max_seq_len(limit_bytes, **shapes), MAX_SEQ_LEN // divisor * divisor)
+    return MemoryCheck(est, limit_bytes, longest, block_impl, cpu_threads)
+
+
+def memory_refusal(check: MemoryCheck, seq_len: int, limit_key: str = "topology.memory_per_rank_GB") -> ConfigError | None:
+    """The error for a job that cannot fit (None when it fits): one line naming the keys that
+    drive the peak, the predicted bytes, the limit and the longest seq_len that fits."""
+    if check.fits or check.limit_bytes is None:
+        return None
+    est, limit = check.estimate, check.limit_bytes
+    allowed = (
+        f"at most {check.max_seq_len} here" if check.max_seq_len else "none here: not even the shortest sequence fits"
+    )  # fmt: skip
+    return ConfigError(
+        "workload.seq_len", seq_len,
+        f"{allowed} (the longest whose predicted peak per rank fits {limit_key}={limit / 1e9:g})",
+        f"predicted peak per rank {est.with_inputs:,} bytes = {est.total:,} for one ring_attention fwd+bwd + "
+        f"{est.inputs:,} of input shards ({est.passes} head pass(es), {check.block_impl} blocks) > {limit:,} bytes; "
+        "it grows with workload.seq_len, workload.batch, workload.heads, workload.kv_heads, workload.head_dim and "
+        "workload.dtype, and shrinks with more ranks (topology.nodes x topology.ranks_per_node)",
+    )

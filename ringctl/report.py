@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ringctl.memory import MemoryCheck, check_plan_memory
 from ringctl.plan import RingPlan, Workload, alternatives, estimate, overlap_seq_len
 from ringctl.topology import Topology
 
@@ -30,6 +31,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def decimal_bytes(n: float) -> str:
+    """Bytes in the decimal units of topology.memory_per_rank_GB (1 GB = 1e9 bytes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def human_time(seconds: float) -> str:
@@ -66,9 +75,11 @@ def _runs_text(plan: RingPlan, runs: list[list[int]], max_ranks: int) -> str:
     return " | ".join(parts)
 
 
-def plan_table(plan: RingPlan, workload: Workload) -> Any:
+def plan_table(plan: RingPlan, workload: Workload, memory: MemoryCheck | None = None) -> Any:
     """A rich Table: flat, hierarchical (where the topology allows it) and the rank-order
-    ring (the topology-blind baseline) side by side; the plan's own column is marked."""
+    ring (the topology-blind baseline) side by side; the plan's own column is marked. With
+    `memory` (the plan's MemoryCheck), rows for each ring's predicted peak per rank against
+    the same limit and the longest seq_len that fits it."""
     from rich.table import Table
 
     plans = alternatives(plan, workload)
@@ -100,7 +111,40 @@ def plan_table(plan: RingPlan, workload: Workload) -> Any:
     row("overlap: block tokens / needed", lambda n, p, c: _needed(c))
     row("transfer hidden from seq_len", lambda n, p, c: f"{overlap_seq_len(p, workload):,}")
     row("overlap verdict", lambda n, p, c: _verdict(c.overlap_ok))
+    if memory is not None:
+        checks = {
+            name: check_plan_memory(alt, workload, memory.limit_bytes, block_impl=memory.block_impl, cpu_threads=memory.cpu_threads)
+            for name, alt in plans.items()
+        }  # fmt: skip
+        row("peak memory / rank (fwd+bwd + inputs)", lambda n, p, c: _peak(checks[n]))
+        if memory.limit_bytes is not None:
+            row("longest seq_len that fits memory", lambda n, p, c: f"{checks[n].max_seq_len:,}")
     return table
+
+
+def _peak(check: MemoryCheck) -> str:
+    est = check.estimate
+    text = f"{decimal_bytes(est.with_inputs)} ({decimal_bytes(est.total)} + {decimal_bytes(est.inputs)})"
+    if check.limit_bytes is None:
+        return text
+    return text + (" [green]fits[/]" if check.fits else " [red]does not fit[/]")
+
+
+def memory_line(check: MemoryCheck) -> str:
+    """One line: the predicted peak per rank, what it assumed, the limit and the verdict."""
+    est = check.estimate
+    text = (
+        f"memory per rank: predicted peak {decimal_bytes(est.with_inputs)} = {decimal_bytes(est.total)} for one "
+        f"ring_attention fwd+bwd ({est.peak_phase} peak, {est.passes} head pass(es), {check.block_impl} blocks) "
+        f"+ {decimal_bytes(est.inputs)} of input shards"
+    )
+    if check.limit_bytes is None:
+        return text + "; topology.memory_per_rank_GB is null (not checked)"
+    verdict = "[green]fits[/]" if check.fits else "[red]does not fit: ringctl launch refuses it[/]"
+    return (
+        text + f"; topology.memory_per_rank_GB {check.limit_bytes / 1e9:g} GB: {verdict}; "
+        f"longest seq_len that fits: {check.max_seq_len:,}"
+    )
 
 
 def _needed(cost: Any) -> str:
@@ -112,8 +156,11 @@ def _verdict(ok: bool) -> str:
     return "[green]transfer hidden[/]" if ok else "[red]transfer-bound[/]"
 
 
-def print_report(plan: RingPlan, workload: Workload, topology: Topology, console: Any = None) -> None:
-    """The header (topology and workload) and the plan table, on a rich console."""
+def print_report(
+    plan: RingPlan, workload: Workload, topology: Topology, console: Any = None, memory: MemoryCheck | None = None
+) -> None:
+    """The header (topology and workload), the plan table and, with `memory`, the predicted
+    peak memory per rank against the topology's, on a rich console."""
     from rich.console import Console
 
     console = console or Console()
@@ -124,13 +171,16 @@ def print_report(plan: RingPlan, workload: Workload, topology: Topology, console
         f"[{COLORS['intra']}]intra {topology.intra.bandwidth_GBps:g} GB/s {topology.intra.latency_us:g} us[/], "
         f"[{COLORS['inter']}]inter {topology.inter.bandwidth_GBps:g} GB/s x {topology.nics_per_node} NICs "
         f"{topology.inter.latency_us:g} us[/], {topology.compute_tflops:g} TFLOP/s per rank"
+        + ("" if topology.memory_per_rank_GB is None else f", {topology.memory_per_rank_GB:g} GB memory per rank")
     )
     w = workload
     console.print(
         f"workload: batch {w.batch}, seq_len {w.seq_len}, heads {w.heads}/{w.kv_heads} kv, head_dim {w.head_dim}, "
         f"{w.dtype}, {'causal' if w.causal else 'full'}"
     )
-    console.print(plan_table(plan, workload))
+    console.print(plan_table(plan, workload, memory))
+    if memory is not None:
+        console.print(memory_line(memory))
 
 
 # ---- picture --------------------------------------------------------------------------
@@ -187,10 +237,11 @@ def _draw_lanes(ax: Any, lanes: dict[tuple[int, int], int], centres: list[tuple[
                 bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
 
 
-def plan_png(plan: RingPlan, path: str | Path, workload: Workload | None = None) -> Path:
+def plan_png(plan: RingPlan, path: str | Path, workload: Workload | None = None, memory: MemoryCheck | None = None) -> Path:
     """Draw the ring on the nodes and save a PNG at `path`: ranks as dots inside node
     circles, each intra-node send as an arrow, cross-node traffic as labelled lanes. With a
-    `workload` the title adds the predicted step time and the overlap verdict."""
+    `workload` the title adds the predicted step time and the overlap verdict; with `memory`,
+    the predicted peak memory per rank against the topology's."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -252,6 +303,12 @@ def plan_png(plan: RingPlan, path: str | Path, workload: Workload | None = None)
         title += f"\npredicted step {human_time(cost.step_time_s)}, fwd+bwd {human_time(cost.total_s)}, " + (
             "transfer hidden" if cost.overlap_ok else "transfer-bound"
         )
+    if memory is not None:
+        title += f"\npeak memory per rank {decimal_bytes(memory.estimate.with_inputs)}"
+        if memory.limit_bytes is not None:
+            title += f" of {decimal_bytes(memory.limit_bytes)}: " + (
+                f"fits (up to seq_len {memory.max_seq_len:,})" if memory.fits else f"DOES NOT FIT (seq_len <= {memory.max_seq_len:,} would)"
+            )
     fig.suptitle(title, fontsize=10)
     notes = []
     if plan.nodes > shown_nodes:

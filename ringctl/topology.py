@@ -66,6 +66,9 @@ class Topology:
     node_names: tuple[str, ...] = ()  # empty: node0, node1, ...
     compute_tflops: float = 400.0  # attention FLOP rate per rank (TFLOP/s) for the cost model
     name: str = "custom"
+    # memory one rank may fill, GB (1e9 bytes): device memory on GPU ranks, the rank's share
+    # of host RAM on CPU ranks; None: unknown (nothing is checked against it)
+    memory_per_rank_GB: float | None = None
 
     def __post_init__(self) -> None:
         counts = tuple(self.ranks_per_node)
@@ -84,6 +87,11 @@ class Topology:
         check_positive_int("topology.nics_per_node", self.nics_per_node)
         if not _is_number(self.compute_tflops) or self.compute_tflops <= 0:
             raise ConfigError("topology.compute_tflops", self.compute_tflops, "a number > 0 (TFLOP/s per rank)")
+        if self.memory_per_rank_GB is not None and (not _is_number(self.memory_per_rank_GB) or self.memory_per_rank_GB <= 0):
+            raise ConfigError(
+                "topology.memory_per_rank_GB", self.memory_per_rank_GB,
+                "a number > 0 (GB = 1e9 bytes one rank may fill), or null (unknown: not checked)",
+            )
         if self.intra.name != "intra" or self.inter.name != "inter":
             raise ValueError(f"link classes must be named intra and inter, got {self.intra.name!r}, {self.inter.name!r}")
 
@@ -162,7 +170,13 @@ class Topology:
             rank_to_node=placement,
             compute_tflops=setting(cfg, "compute_tflops", 400.0),
             name=str(setting(cfg, "name", "custom")),
+            memory_per_rank_GB=setting(cfg, "memory_per_rank_GB", None),
         )
+
+    @property
+    def memory_per_rank_bytes(self) -> int | None:
+        """memory_per_rank_GB in bytes (None when unknown)."""
+        return None if self.memory_per_rank_GB is None else int(self.memory_per_rank_GB * 1e9)
 
     @classmethod
     def discover(
@@ -175,6 +189,7 @@ class Topology:
         nics_per_node: int = 1,
         compute_tflops: float = 400.0,
         name: str = "discovered",
+        memory_per_rank_GB: float | None = None,
     ) -> Topology:
         """The topology of a running job from each rank's node name (index = global rank),
         as all_gathered by the job. Nodes are numbered by first appearance. With
@@ -208,6 +223,7 @@ class Topology:
             node_names=tuple(index),
             compute_tflops=compute_tflops,
             name=name,
+            memory_per_rank_GB=memory_per_rank_GB,
         )
 
 

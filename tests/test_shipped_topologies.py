@@ -39,3 +39,27 @@ def test_launches_as_shipped(topology: str, launcher: str, tmp_path: Path) -> No
     done = _run(["launch", f"+topology={topology}", f"launcher={launcher}", "--dry-run"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def _stated(path: Path) -> dict:
+    """The keys a topology file states itself or through its bases in conf/topology."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    stated: dict = {}
+    for base in data.pop("defaults", []):
+        if isinstance(base, str) and base != "_self_":
+            stated.update(_stated(path.with_name(f"{base}.yaml")))
+    stated.update(data)
+    return stated
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_states_memory_per_rank(topology: str) -> None:
+    """Every shipped topology says how much memory a rank has (not the local default's by
+    omission): H100 ranks 80 GB of HBM, CPU ranks their share of the host's RAM."""
+    stated = _stated(CONF_DIR / "topology" / f"{topology}.yaml")
+    memory = stated.get("memory_per_rank_GB")
+    assert isinstance(memory, float) and memory > 0, (topology, memory)
+    if stated.get("gpus_per_node"):
+        assert memory == 80.0, (topology, memory)

@@ -10,6 +10,9 @@ head_dim, dtype, layout, causal). Hydra composes through its compose API, so not
 written to disk except the PNG asked for. Bad input prints one line naming the key, the
 value and what is allowed, and exits 2. The table form also writes the ring's picture
 (`ringplan-<topology>.png`, or --png PATH); --json writes a PNG only when asked. No torch import: this runs anywhere, fast.
+The predicted peak memory per rank (ringctl.memory) is shown against
+topology.memory_per_rank_GB with the longest seq_len that fits (JSON: "memory"); a plan
+that does not fit is marked (and `ringctl launch` refuses it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 from ringctl.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ringctl.memory import MemoryCheck
     from ringctl.plan import RingPlan, Workload
     from ringctl.topology import Topology
 
@@ -59,14 +63,28 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, str | None, str | None]:
 def build(overrides: list[str], config_dir: str | None = None) -> tuple[Topology, RingPlan, Workload]:
     """(topology, plan, workload) from the config composed with `overrides` (and the user's
     `config_dir`); ConfigError on bad input."""
+    topology, plan, workload, _ = build_with_memory(overrides, config_dir)
+    return topology, plan, workload
+
+
+def build_with_memory(
+    overrides: list[str], config_dir: str | None = None
+) -> tuple[Topology, RingPlan, Workload, MemoryCheck]:
+    """`build` and the plan's predicted peak memory per rank against the topology's
+    memory_per_rank_GB (ringctl.memory), priced for the topology's ranks: the Triton kernels
+    where it has GPUs (gpus_per_node > 0), else the torch block path on one thread."""
     from ringctl.config import compose
+    from ringctl.memory import check_plan_memory
     from ringctl.plan import plan_from_config
     from ringctl.topology import Topology
 
     cfg = compose(overrides, config_dir)
     topology = Topology.from_config(cfg.topology)
     plan, workload = plan_from_config(topology, cfg.topology, cfg.workload)
-    return topology, plan, workload
+    gpus = cfg.topology.get("gpus_per_node") or 0
+    impl = "triton" if isinstance(gpus, int) and gpus > 0 else "torch"
+    memory = check_plan_memory(plan, workload, topology.memory_per_rank_bytes, block_impl=impl)
+    return topology, plan, workload, memory
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -76,8 +94,9 @@ def main(command: str, argv: list[str]) -> int:
         return 0
     try:
         overrides, as_json, png, config_dir = _parse(argv)
-        topology, plan, workload = build(overrides, config_dir)
+        topology, plan, workload, memory = build_with_memory(overrides, config_dir)
         data = plan.to_dict(workload)
+        data["memory"] = memory.to_dict()
     except ValueError as exc:  # ConfigError and the planner's own checks: bad input
         print(f"ringctl {command}: {exc}", file=sys.stderr)
         return 2
@@ -90,14 +109,14 @@ def main(command: str, argv: list[str]) -> int:
     else:
         from ringctl.report import print_report
 
-        print_report(plan, workload, topology)
+        print_report(plan, workload, topology, memory=memory)
         # the table always comes with its picture; --json stays side-effect free
         png = png or f"ringplan-{topology.name}.png"
     if png:
         from ringctl.report import plan_png
 
         try:
-            written = plan_png(plan, png, workload=workload)
+            written = plan_png(plan, png, workload=workload, memory=memory)
         except OSError as exc:
             print(f"ringctl {command}: --png={png!r} cannot be written: {exc.strerror or exc}", file=sys.stderr)
             return 2

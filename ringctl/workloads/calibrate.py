@@ -25,6 +25,10 @@ the inter-node flows of a node sharing its `nics_per_node` NICs. Every rank, all
   The topology's inter bandwidth is per NIC: the most one NIC carried (all lanes' total /
   NICs, or one lane alone).
 
+- memory per rank: a GPU rank's device memory (torch.cuda total_memory); a CPU rank's share
+  of its host, MemTotal (or its cgroup's memory limit when lower) / the ranks on its node;
+  the smallest over ranks.
+
 Rank 0 writes the topology YAML (the fields of conf/topology/*.yaml, every figure
 commented) to `<job folder>/topology/<name>.yaml` and to `workload.out` when set, logs the
 figures to W&B and returns them for results.json.
@@ -434,10 +438,68 @@ def nic_bandwidth(inter: dict[str, Any], one_lane: dict[str, Any] | None, nics: 
     return max(together, alone)
 
 
-def topology_fields(cfg: Any, ctx: Any, compute: dict[str, Any], links: dict[str, Any], name: str) -> dict[str, Any]:
+def _meminfo_bytes(field: str = "MemTotal") -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_limit_bytes() -> int | None:
+    """This process's cgroup memory limit (v2 memory.max, else v1 memory.limit_in_bytes):
+    what SLURM's task/cgroup plugin grants the job; None when unlimited or unreadable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 says "unlimited" with a huge number
+            return int(text)
+    return None
+
+
+def rank_memory_bytes(device: torch.device, ranks_on_node: int) -> int | None:
+    """Memory one rank may fill: a GPU's total device memory; on CPU the host's MemTotal, or
+    the cgroup's limit when lower, shared by the node's ranks. None when unreadable."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    host = [b for b in (_meminfo_bytes(), _cgroup_limit_bytes()) if b]
+    return min(host) // max(1, ranks_on_node) if host else None
+
+
+def measure_memory(ctx: Any) -> int | None:
+    """The smallest memory per rank over all ranks (the limit every rank must keep)."""
+    topo = ctx.topology
+    mine = rank_memory_bytes(ctx.device, topo.ranks_per_node[topo.rank_to_node[ctx.rank]])
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, mine, group=ctx.group)
+    known = [g for g in gathered if g]
+    return min(known) if known else None
+
+
+def topology_fields(
+    cfg: Any, ctx: Any, compute: dict[str, Any], links: dict[str, Any], name: str, memory_bytes: int | None = None
+) -> dict[str, Any]:
     """The topology config the measurement describes: the job's discovered nodes and ranks,
     the measured figures, and the config's ring, order, distribution and virtual nodes. A link
-    the job did not have (one node, one rank per node) keeps the config's figures."""
+    the job did not have (one node, one rank per node) keeps the config's figures.
+    `memory_bytes`: the measured memory per rank (`measure_memory`); None measures this
+    process's (its node's fullest share), and unreadable keeps the config's."""
     topo = ctx.topology
     counts = list(topo.ranks_per_node)
     intra, inter = links.get("intra"), links.get("inter")
@@ -462,7 +524,16 @@ def topology_fields(cfg: Any, ctx: Any, compute: dict[str, Any], links: dict[str
         "distribution": str(cfg.topology.get("distribution", "block")),
         "virtual_node_size": cfg.topology.get("virtual_node_size"),
         "compute_tflops": compute["compute_tflops"],
+        "memory_per_rank_GB": _memory_GB(cfg, ctx, memory_bytes),
     }
+
+
+def _memory_GB(cfg: Any, ctx: Any, memory_bytes: int | None) -> float | None:
+    if memory_bytes is None:
+        memory_bytes = rank_memory_bytes(ctx.device, max(ctx.topology.ranks_per_node))
+    if memory_bytes is None:
+        return cfg.topology.get("memory_per_rank_GB")
+    return round(memory_bytes / 1e9, 3)
 
 
 def render_yaml(fields: dict[str, Any], shape: Shape, compute: dict[str, Any], links: dict[str, Any],
@@ -493,6 +564,11 @@ def render_yaml(fields: dict[str, Any], shape: Shape, compute: dict[str, Any], l
             f"({compute['forward_idle_links_s'] * 1e3:.3g} ms with idle links; {shape.dtype}, {shape.layout}, "
             f"{'causal' if shape.causal else 'full'}; bwd/fwd {compute['backward_over_forward']:.2f}, model "
             f"{compute['model_backward_over_forward']})"
+        ),
+        "memory_per_rank_GB": (
+            "GB (1e9 B) one rank may fill: the GPU's device memory (torch.cuda total_memory), the least over ranks"
+            if fields.get("gpus_per_node") else
+            "GB (1e9 B) one rank may fill: host MemTotal (or the cgroup limit, if lower) / ranks on the node, the least over ranks"
         ),
     }
     link_notes = {
@@ -551,7 +627,7 @@ def run(cfg: Any, ctx: Any) -> dict[str, Any]:
     )
     links = measure_links(shape, ctx.topology, ctx.rank, ctx.device, ctx.group, repeats)
     name = default_name(cfg)
-    fields = topology_fields(cfg, ctx, compute, links, name)
+    fields = topology_fields(cfg, ctx, compute, links, name, measure_memory(ctx))
     result: dict[str, Any] = {
         "calibration": {"shape": asdict(shape), "repeats": repeats, "compute": compute, **links},
         "topology": fields,
