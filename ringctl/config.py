@@ -68,6 +68,9 @@ class TopologyConfig:
     distribution: str = MISSING
     virtual_node_size: int | None = MISSING
     compute_tflops: float = MISSING
+    # GB (1e9 bytes) one rank may fill: device memory per GPU rank, a share of host RAM per
+    # CPU rank; launch refuses a job whose predicted peak exceeds it. null: unknown, unchecked
+    memory_per_rank_GB: float | None = MISSING
 
 
 @dataclass
@@ -121,6 +124,9 @@ class WorkloadConfig:
     layout: str = MISSING
     causal: bool = MISSING
     seed: int = MISSING
+    # packed documents drawn with `seed` (ringctl.documents.parse_documents): null (one
+    # sequence), "lognormal[:mean=N,sigma=X]", "fixed:mean=N" or a list of document lengths
+    documents: Any = MISSING
 
 
 @dataclass

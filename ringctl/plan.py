@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from ringctl.errors import ConfigError, check_positive_int
@@ -84,10 +85,27 @@ class Workload:
     head_dim: int = 128
     dtype: str = "bfloat16"
     causal: bool = True
+    #: packed documents (ringctl.documents.DocumentSpec, drawn with `documents_seed`): the
+    #: cost model then prices only the query-key pairs the mask leaves; None: one sequence
+    documents: Any = None
+    documents_seed: int = 0
 
     def __post_init__(self) -> None:
         for key in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
             check_positive_int(f"workload.{key}", getattr(self, key))
+        if self.documents is not None:
+            from ringctl.documents import DocumentSpec, parse_documents
+
+            spec = self.documents
+            if not isinstance(spec, DocumentSpec):
+                spec = parse_documents(spec)
+                object.__setattr__(self, "documents", spec)
+            if spec is not None and spec.kind == "lengths" and sum(spec.lengths) > self.seq_len:
+                raise ConfigError(
+                    "workload.documents", list(spec.lengths)[:8],
+                    f"document lengths summing to <= workload.seq_len={self.seq_len} "
+                    f"(they sum to {sum(spec.lengths)})",
+                )  # fmt: skip
         if self.head_dim > MAX_HEAD_DIM:
             raise ConfigError("workload.head_dim", self.head_dim, f"an integer in 1..{MAX_HEAD_DIM} (the attention kernels' limit)")
         if self.seq_len > MAX_SEQ_LEN:
@@ -106,7 +124,17 @@ class Workload:
         """From the `workload` config node (mapping or attributes); missing keys keep the
         defaults above (a long-context bfloat16 GQA layer)."""
         kwargs = {k: setting(cfg, k, None) for k in ("batch", "seq_len", "heads", "kv_heads", "head_dim", "dtype", "causal")}
+        kwargs["documents"] = setting(cfg, "documents", None)
+        kwargs["documents_seed"] = setting(cfg, "seed", None)
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def cu_seqlens(self) -> tuple[int, ...] | None:
+        """Boundaries of the documents drawn for this workload (the jobs draw the same)."""
+        if self.documents is None:
+            return None
+        from ringctl.documents import cu_seqlens_of
+
+        return cu_seqlens_of(self.documents.sample(self.seq_len, self.documents_seed))
 
 
 def _acc_bytes(dtype_bytes: int) -> int:
@@ -440,6 +468,7 @@ class Cost:
     bytes_total: dict[str, dict[str, int]]
     min_block_tokens: dict[str, dict[str, int]]
     inter_flows_per_nic: float
+    documents: dict[str, Any] | None = None  # packed documents: work per rank (document_work)
 
     @property
     def total_s(self) -> float:
@@ -469,6 +498,7 @@ class Cost:
                 "min_block_tokens": {p: dict(v) for p, v in self.min_block_tokens.items()},
             },
             "overlap_ok": self.overlap_ok,
+            **({"documents": self.documents} if self.documents is not None else {}),
         }
 
 
@@ -535,6 +565,9 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
     # a causal ring step waits on its busiest rank: balanced layouts halve every block's
     # work on average; contiguous leaves some ranks a full block every step
     causal_factor = 0.5 if balanced else 1.0
+    docs = document_work(plan, w) if w.documents is not None else None
+    if docs is not None:  # the busiest rank's visible pairs per step, blocks nobody sees skipped
+        causal_factor = sum(docs["busiest_pairs_per_step"]) / W / (s * s)
     rate = topo.compute_tflops * 1e12
     pair_fwd = 4 * w.batch * w.heads * w.head_dim * causal_factor / rate  # seconds per (q, k) pair
     pair = {"forward": pair_fwd, "backward": BACKWARD_FLOP_RATIO * pair_fwd}
@@ -558,6 +591,10 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
             step = max(c["forward"], t_kv)
             fwd = (W - 1) * step + c["forward"]
             bwd = (W - 1) * max(c["backward"], t_both) + c["backward"] + t_dkv
+        if docs is not None:
+            busy = [4 * w.batch * w.heads * w.head_dim / rate * n for n in docs["busiest_pairs_per_step"]]
+            fwd = _ring_time(busy, t_kv, 0.0)
+            bwd = _ring_time([BACKWARD_FLOP_RATIO * x for x in busy], t_both, t_dkv)
         need = {
             phase: {link: max((_min_block(pair[phase], per_token[phase], p) for p in paths[link]), default=0) for link in LINKS}
             for phase in PHASES
@@ -579,6 +616,17 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
         ring_b = inner_ring(c["backward"], kv + dkv, dkv)
         fwd = (N - 1) * max(ring_f, _slowest(outer, kv)) + ring_f
         bwd = (N - 1) * max(ring_b, _slowest(outer, kv + dkv)) + ring_b + _slowest(outer, dkv)
+        if docs is not None:  # each outer step: the inner ring over that step's L blocks
+            busy = [4 * w.batch * w.heads * w.head_dim / rate * n for n in docs["busiest_pairs_per_step"]]
+            rings = [busy[o * L : (o + 1) * L] for o in range(N)]
+            fwd = _ring_time(
+                [_ring_time(r, _slowest(inner, kv), 0.0) for r in rings], _slowest(outer, kv), 0.0
+            )
+            bwd = _ring_time(
+                [_ring_time([BACKWARD_FLOP_RATIO * x for x in r], _slowest(inner, kv + dkv),
+                            _slowest(inner, dkv)) for r in rings],
+                _slowest(outer, kv + dkv), _slowest(outer, dkv),
+            )  # fmt: skip
         step = max(ring_f, _slowest(outer, kv)) / L if N > 1 else ring_f / L
         need = {
             phase: {
@@ -591,4 +639,57 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
     return Cost(
         block_tokens=s, compute_s=c, transfer_s=transfer, step_time_s=step, forward_s=fwd, backward_s=bwd,
         bytes_per_step=per_step, bytes_total=totals, min_block_tokens=need, inter_flows_per_nic=flows,
+        documents=docs,
     )
+
+
+def _ring_time(computes: list[float], moving: float, home: float) -> float:
+    """One ring whose steps compute ``computes`` in turn, each hiding the next block's hop
+    (``moving``), then the accumulator's hop ``home``; one step: its compute alone."""
+    if len(computes) == 1:
+        return computes[0]
+    return sum(max(c, moving) for c in computes[:-1]) + computes[-1] + home
+
+
+def document_work(plan: RingPlan, workload: Workload) -> dict[str, Any]:
+    """What packed documents leave of the ring's work (torch-free, ringctl.documents): the
+    query-key pairs each position's queries see, per rank and per ring step (a step lasts as
+    long as its busiest rank's block), the imbalance (max / mean) under this layout and the
+    others, and the `docs` layout's internal padding."""
+    from ringctl.documents import imbalance, layout_padding, rank_pairs, ring_sources, step_pairs
+
+    w, world = workload, plan.world_size
+    cu = w.cu_seqlens()
+    if plan.algorithm == "hierarchical":
+        levels: tuple[tuple[int, int], ...] = ((plan.nodes, plan.inner_size), (plan.inner_size, 1))
+    else:
+        levels = ((world, 1),)
+    matrix = _pairs_matrix(plan.layout, w.seq_len, world, cu, w.causal)
+    steps = step_pairs(matrix, ring_sources(levels, world))
+    per_rank = rank_pairs(matrix)
+    others = {}
+    for layout in LAYOUTS:
+        if w.seq_len % seq_len_divisor(layout, world) == 0:
+            others[layout] = imbalance(rank_pairs(_pairs_matrix(layout, w.seq_len, world, cu, w.causal)))
+    pad = layout_padding(w.seq_len, world) if plan.layout == "docs" else 0
+    return {
+        "spec": w.documents.describe(),
+        "seed": w.documents_seed,
+        "count": len(cu) - 1 if cu else 0,
+        "tokens": cu[-1] if cu else 0,
+        "visible_pairs_per_rank": per_rank,
+        "busiest_pairs_per_step": [max(row) for row in steps],
+        "imbalance": imbalance(per_rank),
+        "imbalance_by_layout": others,
+        "layout_padding_tokens": pad,
+        "layout_padding_fraction": pad / (w.seq_len + pad),
+    }
+
+
+@lru_cache(maxsize=32)
+def _pairs_matrix(
+    layout: str, seq_len: int, world: int, cu: tuple[int, ...] | None, causal: bool
+) -> list[list[int]]:
+    from ringctl.documents import visible_pairs
+
+    return visible_pairs(layout, seq_len, world, cu_seqlens=cu, causal=causal)

@@ -413,6 +413,18 @@ def _api_case(case: str) -> None:
         "dim out of range": lambda: shard_sequence(x, 0, 2, dim=5),
         "no shards": lambda: unshard_sequence([]),
         "shards that differ": lambda: unshard_sequence([torch.zeros(1, 4, 2), torch.zeros(1, 6, 2)]),
+        "cu_seqlens not from 0": lambda: ring_attention(q, k, v, cu_seqlens=[2, 4]),
+        "cu_seqlens not increasing": lambda: ring_attention(q, k, v, cu_seqlens=[0, 3, 3]),
+        "cu_seqlens past the sequence": lambda: ring_attention(q, k, v, cu_seqlens=[0, q.shape[1] + 1]),
+        "cu_seqlens of floats": lambda: ring_attention(q, k, v, cu_seqlens=torch.tensor([0.0, 2.0])),
+        "cu_seqlens on another device": lambda: ring_attention(
+            q, k, v, cu_seqlens=torch.tensor([0, 2], device="meta")
+        ),
+        "window_size below -1": lambda: ring_attention(q, k, v, window_size=(-3, 0)),
+        "docs shards too small for the documents": lambda: ring_attention(
+            q, k, v, layout="docs", cu_seqlens=[0, 1, q.shape[1] + 2]
+        ),
+        "docs sharding without boundaries": lambda: shard_sequence(torch.zeros(1, 10, 2), 0, 4, layout="docs"),
     }
     calls[case]()
 
@@ -432,6 +444,14 @@ API_CASES = {
     "dim out of range": "dim=5",
     "no shards": "non-empty",
     "shards that differ": "shards[1]",
+    "cu_seqlens not from 0": "cu_seqlens=[2, 4] must start at 0",
+    "cu_seqlens not increasing": "cu_seqlens must be strictly increasing",
+    "cu_seqlens past the sequence": "exceeds the sequence length",
+    "cu_seqlens of floats": "cu_seqlens.dtype=torch.float32; allowed: an integer dtype",
+    "cu_seqlens on another device": "cu_seqlens is on meta",
+    "window_size below -1": "window_size=(-3, 0) must be two ints",
+    "docs shards too small for the documents": "exceeds what layout='docs' shards",
+    "docs sharding without boundaries": "pass cu_seqlens",
 }
 
 

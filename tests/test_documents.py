@@ -269,3 +269,52 @@ def test_docs_layout_bad_input(call: object, fragment: str) -> None:
     with pytest.raises(ValueError) as info:
         call(x)  # type: ignore[operator]
     assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------- the planner with documents
+
+
+@pytest.mark.parametrize("algorithm", ["flat", "hierarchical"])
+def test_plan_predicts_per_rank_work_of_packed_documents(algorithm: str) -> None:
+    """`estimate` with a documents spec: per-rank pairs as counted pair by pair, each ring
+    step's busiest rank, the imbalance, and less predicted compute than the full causal
+    sequence (skipped blocks are not priced)."""
+    from ringctl.plan import Workload, estimate, make_plan
+    from ringctl.topology import Topology, place_ranks
+
+    topology = Topology((2, 2), rank_to_node=place_ranks((2, 2), "block"))
+    for layout in ("docs", "zigzag"):
+        plan = make_plan(topology, layout=layout, algorithm=algorithm)
+        seq = 96
+        plain = Workload(batch=1, seq_len=seq, heads=2, kv_heads=1, head_dim=16, dtype="float32")
+        packed = Workload(
+            batch=1, seq_len=seq, heads=2, kv_heads=1, head_dim=16, dtype="float32",
+            documents="lognormal:mean=12", documents_seed=3,
+        )  # fmt: skip
+        cu = packed.cu_seqlens()
+        assert cu is not None and cu[-1] == seq and len(cu) > 3
+        cost = estimate(plan, packed)
+        docs = cost.documents
+        assert docs is not None and estimate(plan, plain).documents is None
+        counted = _counted(layout, seq, 4, cu, True, (-1, -1))
+        assert docs["visible_pairs_per_rank"] == [sum(row) for row in counted]
+        levels = ((2, 2), (2, 1)) if algorithm == "hierarchical" else ((4, 1),)
+        busiest = [max(counted[p][src] for p, src in enumerate(row)) for row in ring_sources(levels, 4)]
+        assert docs["busiest_pairs_per_step"] == busiest
+        assert docs["imbalance"] == pytest.approx(imbalance(docs["visible_pairs_per_rank"]))
+        assert docs["imbalance_by_layout"][layout] == pytest.approx(docs["imbalance"])
+        # compute-bound here (tiny topology links aside): fewer pairs, less predicted time
+        assert sum(cost.compute_s.values()) < sum(estimate(plan, plain).compute_s.values())
+        assert "documents" in cost.to_dict() and "documents" not in estimate(plan, plain).to_dict()
+    docs_cost = estimate(make_plan(topology, layout="docs"), packed).documents
+    assert docs_cost is not None and docs_cost["imbalance"] <= 1.05
+
+
+def test_workload_documents_are_checked() -> None:
+    from ringctl.plan import Workload
+
+    with pytest.raises(ConfigError, match=r"workload\.documents='zipf'"):
+        Workload(documents="zipf")
+    with pytest.raises(ConfigError, match=r"summing to <= workload\.seq_len=10"):
+        Workload(seq_len=10, documents=[4, 8])
+    assert Workload(seq_len=10, documents=[4, 5]).cu_seqlens() == (0, 4, 9)

@@ -18,6 +18,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -231,19 +233,23 @@ def _scancel(env: dict[str, str], job_id: str) -> None:
     subprocess.run(["scancel", job_id.split("_")[0]], env={**os.environ, **env}, timeout=30, check=False)
 
 
-def _newer_jobs(env: dict[str, str], before: list[str]) -> list[str]:
-    """Jobs submitted after `before` was taken: ids above the largest then (SLURM's ids only
-    grow). A plain set comparison races with sacct recording jobs that ended just before."""
-    top = max((int(j.split("_")[0].split(".")[0]) for j in before if j.split("_")[0].split(".")[0].isdigit()), default=0)
-    now = _jobs_known(env)
-    return [j for j in now if j.split("_")[0].split(".")[0].isdigit() and int(j.split("_")[0].split(".")[0]) > top]
-
-
-def _jobs_known(env: dict[str, str]) -> list[str]:
-    out = subprocess.run(["sacct", "-a", "-n", "-X", "-P", "-o", "JobID", "-S", "now-1hour"], capture_output=True,
-                         text=True, env={**os.environ, **env}, timeout=30, check=False).stdout
-    squeue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env={**os.environ, **env}, timeout=30, check=False).stdout
-    return sorted(set(out.split()) | set(squeue.split()))
+def _submitted_since(env: dict[str, str], since: float) -> list[str]:
+    """Jobs submitted at or after `since` (epoch s), by their submit time, from slurmctld
+    (squeue) and accounting (sacct) both. Comparing job lists taken before and after races
+    with sacct recording, seconds late under load, jobs that ended before the test began."""
+    rows = ""
+    for cmd in (["sacct", "-a", "-n", "-X", "-P", "-o", "JobID,Submit", "-S", "now-1hour"], ["squeue", "-h", "-o", "%i|%V"]):
+        rows += subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=30, check=False).stdout
+    found = set()
+    for line in rows.splitlines():
+        job, _, submit = line.partition("|")
+        try:
+            when = datetime.fromisoformat(submit.strip()).timestamp()
+        except ValueError:
+            continue
+        if when >= since:
+            found.add(job.strip())
+    return sorted(found)
 
 
 def _index(runs: Path) -> list[dict[str, Any]]:
@@ -295,7 +301,7 @@ def test_sweep_array_is_capped(cluster_env: dict[str, str], tmp_path: Path) -> N
 
 def test_preflight_asks_slurm_and_submits_nothing(cluster_env: dict[str, str], tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    before = _jobs_known(cluster_env)
+    began = float(int(time.time()))  # SLURM's submit times have whole seconds
     ok = ringctl(["launch", *BASE, "--preflight"], runs, env=cluster_env)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert re.search(r"# preflight: accepted: would start at \S+ on nodes \S+ \(partition debug, 4 CPUs\)", ok.stdout), ok.stdout
@@ -305,7 +311,7 @@ def test_preflight_asks_slurm_and_submits_nothing(cluster_env: dict[str, str], t
     assert len(lines) == 1 and "launcher.partition" in lines[0] and "nope" in lines[0], refused.stderr
     too_big = ringctl(["launch", "+topology=16node", *BASE[1:], "--preflight"], runs, env=cluster_env)
     assert too_big.returncode == 2 and "node configuration is not available" in too_big.stderr, too_big.stderr
-    assert _newer_jobs(cluster_env, before) == []  # --test-only queues nothing
+    assert _submitted_since(cluster_env, began) == []  # --test-only queues nothing
     assert not runs.exists()
 
 

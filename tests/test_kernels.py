@@ -415,6 +415,12 @@ def test_int32_extent_is_checked() -> None:
 
 RING_WORLD = 2
 RING_CASES = [("zigzag", True, 4, 2), ("striped", True, 2, 2), ("contiguous", False, 4, 1)]
+# (layout, causal, Hq, Hkv, cu_seqlens, window): packed documents with a padded tail, windows
+MASK_RING_CASES = [
+    ("docs", True, 4, 2, [0, 1, 14, 15, 30, 41], (-1, -1)),
+    ("zigzag", False, 2, 1, [0, 20, 21, 44], (5, 3)),
+    ("striped", True, 4, 4, [0, 9, 10, 36], (7, -1)),
+]
 
 
 def _ring_worker(rank: int, world: int) -> list[dict]:
@@ -438,6 +444,18 @@ def _ring_worker(rank: int, world: int) -> list[dict]:
         grads = torch.autograd.grad(out, local, shard_sequence(dout, rank, world, layout=layout))
         # numpy arrays travel by value; tensors would go through shared memory owned by
         # this process, which may have exited by the time the parent reads them
+        reports.append({"out": out.detach().numpy(), "grads": [g.detach().numpy() for g in grads]})
+    for layout, causal, hq, hkv, cu, window in MASK_RING_CASES:
+        q, k, v, dout = _ring_inputs(hq, hkv)
+
+        def shard(x: torch.Tensor, layout: str = layout, cu: list[int] = cu) -> torch.Tensor:
+            return shard_sequence(x, rank, world, layout=layout, cu_seqlens=cu)
+
+        local = [shard(x).requires_grad_() for x in (q, k, v)]
+        out = ring_attention(
+            *local, causal=causal, layout=layout, cu_seqlens=cu, window_size=window
+        )
+        grads = torch.autograd.grad(out, local, shard(dout))
         reports.append({"out": out.detach().numpy(), "grads": [g.detach().numpy() for g in grads]})
     ringctl_kernels.block_forward = real_forward
     return [{"kernel_calls": len(kernels_used)}, *reports]
@@ -479,4 +497,36 @@ def test_ring_attention_through_kernels_matches_sdpa() -> None:
                 torch.testing.assert_close(
                     torch.from_numpy(g).double(), want, atol=3e-5, rtol=1e-4,
                     msg=_prefixed(f"{layout} causal={causal} rank {rank} {name}"),
+                )
+    for i, (layout, causal, hq, hkv, cu, window) in enumerate(MASK_RING_CASES):
+        q, k, v, dout = (x.double() for x in _ring_inputs(hq, hkv))
+        seq = q.shape[1]
+        sees = torch.zeros(seq, seq, dtype=torch.bool)
+        for d in range(len(cu) - 1):
+            sees[cu[d] : cu[d + 1], cu[d] : cu[d + 1]] = True
+        rows, cols = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+        if causal:
+            sees &= cols <= rows
+        if window[0] >= 0:
+            sees &= rows - cols <= window[0]
+        if window[1] >= 0:
+            sees &= cols - rows <= window[1]
+        empty = ~sees.any(1)  # padding rows: SDPA would give NaN; the answer is 0, no gradient
+        safe = sees | (empty[:, None] & (cols == 0))
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        qt, kt, vt = (x.transpose(1, 2) for x in leaves)
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                qt, kt, vt, attn_mask=safe, enable_gqa=True
+            ).transpose(1, 2)
+        ref = ref.masked_fill(empty[None, :, None, None], 0.0)
+        ref_grads = torch.autograd.grad(ref, leaves, dout.masked_fill(empty[None, :, None, None], 0.0))
+        for rank, per_rank in enumerate(results):
+            got = per_rank[1 + len(RING_CASES) + i]
+            for name, g, w in zip(("out", "dq", "dk", "dv"), [got["out"], *got["grads"]],
+                                  [ref, *ref_grads]):
+                want = shard_sequence(w.detach(), rank, RING_WORLD, layout=layout, cu_seqlens=cu)
+                torch.testing.assert_close(
+                    torch.from_numpy(g).double(), want, atol=3e-5, rtol=1e-4,
+                    msg=_prefixed(f"{layout} cu={cu} window={window} rank {rank} {name}"),
                 )

@@ -62,6 +62,10 @@ EXAMPLES: dict[str, Example] = {
     "ringctl launch +topology=2node workload=train workload.steps=10": LOCAL,
     "ringctl launch +topology=2node workload=custom workload.entry=mypkg.mod:main": LOCAL,
     "ringctl launch +topology=2node wait=false": LOCAL,
+    "ringctl launch topology.memory_per_rank_GB=0.01": LOCAL,
+    "ringctl launch +topology=2node workload=train workload.steps=10 workload.layout=docs \"workload.documents='lognormal:mean=64'\"": LOCAL,
+    "ringctl launch +topology=2node workload=attention workload.documents=[100,1,37,300]": LOCAL,
+    "ringctl plan +topology=2node workload.layout=docs \"workload.documents='lognormal:mean=2048'\" --json": LOCAL,
     "ringctl launch +topology=2node --cfg job": LOCAL,
     "ringctl launch +topology=2node launcher=slurm --dry-run": LOCAL,
     "ringctl launch +topology=2node launcher=slurm --preflight": SLURM,
@@ -213,6 +217,38 @@ def test_plan_examples(local: Shell) -> None:
     ))
     assert "RingPlan: flat ring" in out and "seq_len 262144" in out and "bfloat16" in out
     assert (local.home / "ring.png").stat().st_size > 0
+
+
+def test_memory_refusal_example(local: Shell) -> None:
+    """The launch the README shows refused: exit 2, the line it quotes (the longest seq_len
+    that fits depends on the ranks' threads: any number), nothing submitted."""
+    command = "ringctl launch topology.memory_per_rank_GB=0.01"
+    jobs_before = len(local.index())
+    done = local.run(command)
+    assert done.returncode == 2, done.stdout + done.stderr
+    shown = " ".join(line.lstrip("# ") for line in README.read_text().split(command, 1)[1].splitlines()[1:3])
+    shown = shown.split(" (predicted peak")[0]
+    pattern = re.escape(shown).replace(r"at\ most\ 1184", r"at\ most\ \d+")
+    assert r"\d+" in pattern, shown  # the README still quotes the figure this test generalises
+    assert re.search(pattern, " ".join(done.stderr.split())), (shown, done.stderr)
+    assert len(local.index()) == jobs_before
+
+
+def test_packed_documents_examples(local: Shell) -> None:
+    """The three packed-document lines: a train job on the docs layout, an attention job
+    checked against SDPA with the block-diagonal mask, the plan's per-rank work."""
+    train = "ringctl launch +topology=2node workload=train workload.steps=10 workload.layout=docs \"workload.documents='lognormal:mean=64'\""
+    ok(local.run(train))
+    results = results_of(local.index()[-1])  # the job just launched
+    assert len(results["losses"]) == 10 and "error" not in results
+    attention = "ringctl launch +topology=2node workload=attention workload.documents=[100,1,37,300]"
+    ok(local.run(attention))
+    results = results_of(local.index()[-1])
+    assert "documents" in results and "error" not in results
+    plan = json.loads(ok(local.run(
+        "ringctl plan +topology=2node workload.layout=docs \"workload.documents='lognormal:mean=2048'\" --json"
+    )))
+    assert plan["documents"]["imbalance"] <= 1.05
 
 
 def test_composing_without_submitting(local: Shell) -> None:

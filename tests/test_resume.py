@@ -126,14 +126,16 @@ def test_scontrol_requeue_resumes(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_time_limit_warning_requeues_onto_another_node(cli: Cli, slurm_cluster: Any) -> None:
-    """A 1-minute limit with the warning 40 s before it (SLURM sends it within a few
-    seconds of that): rank 0 requeues the job itself (up to launcher.max_requeues times).
+    """A 2-minute limit with the warning 60 s before it (SLURM sends it within a few
+    seconds of that; a minute leaves a loaded machine time to start the ranks, whose
+    handlers must be in place): rank 0 requeues the job itself (up to launcher.max_requeues
+    times).
     While it waits in the queue the test keeps it off its first node and gives it 10
     minutes, so it resumes once, on the other node, with a ring planned for that node."""
-    steps = 500  # ~0.06 s each on 2 ranks: the warning comes mid-run
+    steps = 1500  # ~0.06 s each on 2 ranks (more under load): the warning comes mid-run
     done = cli(
         "launch", "+topology=1node", *TRAIN[1:], "launcher=slurm", "wandb=offline", f"workload.steps={steps}",
-        "workload.checkpoint_every=100", "launcher.time_min=1", "+launcher.additional.signal_delay_s=40", "wait=false",
+        "workload.checkpoint_every=100", "launcher.time_min=2", "+launcher.additional.signal_delay_s=60", "wait=false",
     )
     assert done.returncode == 0, done.stderr
     job_id = next(e["job_id"] for e in reversed(cli.index()))
@@ -142,7 +144,7 @@ def test_time_limit_warning_requeues_onto_another_node(cli: Cli, slurm_cluster: 
     first = json.loads((folder / "attempts.jsonl").read_text().splitlines()[0])
     cli.slurm("scontrol", "update", f"JobId={job_id}", f"ExcNodeList={first['node_names'][0]}", "TimeLimit=10")
     cli.slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    wait_for(lambda: cli.sacct(job_id) not in ("", "PENDING", "RUNNING", "REQUEUED", "COMPLETING"), 300, "the job's end")
+    wait_for(lambda: cli.sacct(job_id) not in ("", "PENDING", "RUNNING", "REQUEUED", "COMPLETING"), 600, "the job's end")
     assert cli.sacct(job_id) == "COMPLETED", cli("status", job_id).stdout
     results = _check_resumed(folder, steps)
     requeues = [a for a in results["attempts"] if a["event"] == "requeue"]

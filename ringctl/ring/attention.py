@@ -6,8 +6,11 @@ hop that brings the next block is posted; it is waited for after the compute. Ba
 sends K/V round again; each block's dK/dV accumulator travels with it, gaining one
 contribution per rank, and takes one more hop home. Nothing remote is saved for backward.
 
-``_Ring.run`` is the one loop. Layouts change only token positions (masks); schedules
-(flat, hierarchical) change only the levels it nests (see schedule.py). The loop runs once
+``_Ring.run`` is the one loop. Masks (documents, causal, windows: ringctl.ring.mask) are a
+function of global token positions, so layouts change only those positions and every block's
+mask is its key ranges (``_Masks``); blocks where no query sees a key are skipped, and
+causal is the case of one document without a window. Schedules (flat, hierarchical) change
+only the levels the loop nests (see schedule.py). The loop runs once
 per *pass*, a group of K/V heads with their query heads (ringctl.memory.head_passes):
 heads are independent, so each pass holds only its heads' blocks in flight, accumulators
 and kernel temporaries, and a rank's peak is its results plus 1/P of the ring's working
@@ -26,11 +29,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ringctl.documents import DOCS_LAYOUT, check_window
 from ringctl.memory import head_passes
 
-from .block import block_backward_into, block_forward_into, block_impl_for
+from .block import BlockMask, block_backward_into, block_forward_into, block_impl_for
 from .comm import RingComm
-from .layouts import LAYOUTS, check_layout, token_positions
+from .layouts import LAYOUTS, check_layout, mask_positions
+from .mask import MaskSpec, as_cu_seqlens
 from .merge import acc_dtype
 from .schedule import Schedule, make_schedule
 
@@ -47,6 +52,8 @@ def ring_attention(
     layout: str = "zigzag",
     group: dist.ProcessGroup | None = None,
     plan: Any = None,
+    cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """Attention of this rank's query shard over the whole ring's keys and values.
 
@@ -54,17 +61,25 @@ def ring_attention(
     ``group`` passes the shard of its ring position under ``layout`` (``shard_sequence``):
     its rank in ``group``, or ``plan.position(rank)`` when a RingPlan orders the ring.
     Returns ``(B, S_local, Hq, D)``: full-sequence attention restricted to this shard's rows.
+
+    ``cu_seqlens`` (1-D int tensor or list ``[0, l1, l1+l2, ..., total]`` over the global
+    sequence, the same on every rank, whatever the layout; batch rows share it): query i sees
+    key j only in its own document; tokens from ``total`` on are padding: zero output, zero
+    gradients. ``window_size=(left, right)``: also ``i - j <= left``, ``j - i <= right``
+    (-1: unbounded), flash-attn's convention. Everything is checked before any communication.
     """
     _check_inputs(q, k, v, causal, layout)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    window = check_window(window_size, "window_size")
     world, rank = _group_size_rank(group)
+    mask = MaskSpec(_check_documents(cu_seqlens, q, world, layout), causal, window)
     if plan is None:
         plan = _rank_order_plan(world, layout)
     else:
         _check_plan(plan, world, layout)
     if world > 1:
-        _check_same_on_every_rank(q, k, causal, layout, group, world, plan)
-    spec = _RingSpec(group, make_schedule(plan, rank), layout, causal, scale)
+        _check_same_on_every_rank(q, k, mask, layout, group, world, plan)
+    spec = _RingSpec(group, make_schedule(plan, rank), layout, mask, scale)
     return _RingAttention.apply(q, k, v, spec)
 
 
@@ -81,15 +96,15 @@ class _RingSpec:
     group: dist.ProcessGroup | None
     schedule: Schedule
     layout: str
-    causal: bool
+    mask: MaskSpec
     scale: float
 
-    def positions(self, position: int, local_len: int) -> torch.Tensor | None:
-        """Global token indices of ``position``'s shard (CPU), or None when not causal."""
-        if not self.causal:
-            return None
+    def positions(self, position: int, local_len: int) -> torch.Tensor:
+        """Global token positions of ``position``'s shard (CPU) as the mask sees them."""
         world = self.schedule.world_size
-        return token_positions(local_len * world, position, world, self.layout)
+        return mask_positions(
+            local_len, position, world, self.layout, cu_seqlens=self.mask.cu_seqlens
+        )
 
 
 class _RingAttention(torch.autograd.Function):
@@ -97,39 +112,49 @@ class _RingAttention(torch.autograd.Function):
     def forward(
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec
     ) -> torch.Tensor:
-        out, lse = _ring_forward(q, k, v, spec)
+        masks = _Masks(spec, q.shape[1])
+        out, lse = _ring_forward(q, k, v, spec, masks)
         # backward reads out only through delta = rowsum(dout * out), as SDPA's own backward
         # does with its output: what is saved is the returned out, in q's dtype
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec = spec
+        ctx.spec, ctx.masks = spec, masks
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.spec)
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.spec, ctx.masks)
         return dq, dk, dv, None
 
 
-class _Positions:
-    """Global token positions of every ring position's shard for one call (CPU and on q's
-    device), computed once each; all None when not causal."""
+class _Masks:
+    """Each block's mask for one call: this shard's rows against ring position ``src``'s
+    keys, as the rows that see some key and their key ranges (MaskSpec.ranges over the
+    shards' global positions). Built when first needed and kept for the backward, which
+    computes the same blocks."""
 
-    def __init__(self, spec: _RingSpec, local_len: int, like: torch.Tensor) -> None:
-        self.spec, self.local_len, self.like = spec, local_len, like
-        self._cpu: dict[int, torch.Tensor | None] = {}
-        self._dev: dict[int, torch.Tensor | None] = {}
+    def __init__(self, spec: _RingSpec, local_len: int) -> None:
+        self.spec, self.local_len = spec, local_len
+        self._blocks: dict[int, tuple[slice, BlockMask] | None] = {}
+        self._q_pos: torch.Tensor | None = None
 
-    def cpu(self, position: int) -> torch.Tensor | None:
-        if position not in self._cpu:
-            self._cpu[position] = self.spec.positions(position, self.local_len)
-        return self._cpu[position]
-
-    def dev(self, position: int, first_row: int = 0) -> torch.Tensor | None:
-        if position not in self._dev:
-            self._dev[position] = _on(self.cpu(position), self.like)
-        pos = self._dev[position]
-        return None if pos is None else pos[first_row:]
+    def block(self, src: int) -> tuple[slice, BlockMask | None] | None:
+        """(rows to compute, their mask; None: every key) of the block from ``src``, or None
+        when no query sees any of its keys (skip it)."""
+        if self.spec.mask.is_full:
+            return slice(0, self.local_len), None
+        if src not in self._blocks:
+            if self._q_pos is None:
+                self._q_pos = self.spec.positions(self.spec.schedule.position, self.local_len)
+            k_pos = self.spec.positions(src, self.local_len)
+            lo, hi = self.spec.mask.ranges(self._q_pos, k_pos)
+            seeing = (hi > lo).nonzero().flatten()
+            entry = None
+            if seeing.numel():
+                first, last = int(seeing[0]), int(seeing[-1]) + 1
+                entry = slice(first, last), BlockMask(lo[first:last], hi[first:last])
+            self._blocks[src] = entry
+        return self._blocks[src]
 
 
 def _passes(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, slice]]:
@@ -146,7 +171,7 @@ def _passes(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, slice]]:
 
 
 def _ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec, masks: _Masks
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out in q's dtype and lse in the accumulation dtype, one pass per K/V head group.
 
@@ -159,12 +184,11 @@ def _ring_forward(
     cast = q.dtype != acc
     out = (torch.empty if cast else torch.zeros)((b, s, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
-    pos = _Positions(spec, s, q)
     comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
     for qh, kh in _passes(q, k):
         nq = qh.stop - qh.start
         merged = q.new_zeros((b, s, nq, d), dtype=acc) if cast else out[:, :, qh]
-        _forward_pass(comm, spec, pos, merged, lse[:, qh], q[:, :, qh], _pack(k, v, kh, spec))
+        _forward_pass(comm, spec, masks, merged, lse[:, qh], q[:, :, qh], _pack(k, v, kh, spec))
         if cast:
             out[:, :, qh] = merged
         del merged  # not alive through the next pass
@@ -174,24 +198,22 @@ def _ring_forward(
 def _forward_pass(
     comm: RingComm,
     spec: _RingSpec,
-    pos: _Positions,
+    masks: _Masks,
     out: torch.Tensor,
     lse: torch.Tensor,
     q: torch.Tensor,
     kv: Any,
 ) -> None:
     """One pass of the forward ring: merge every block of these heads into ``out``/``lse``."""
-    me = spec.schedule.position
 
     def leaf(src: int, block: Sequence[torch.Tensor]) -> None:
-        k_pos = pos.cpu(src)
-        if _hidden(pos.cpu(me), k_pos):
+        found = masks.block(src)
+        if found is None:  # no query sees any key of this block
             return None
-        r = _first_seeing_row(pos.cpu(me), k_pos)  # rows above it see nothing of this block
+        r, mask = found  # rows outside r see nothing of this block
         block_forward_into(
-            out[:, r:], lse[:, :, r:], q[:, r:], block[0], block[1], scale=spec.scale,
-            q_pos=pos.dev(me, r), k_pos=pos.dev(src),
-        )  # fmt: skip
+            out[:, r], lse[:, :, r], q[:, r], block[0], block[1], scale=spec.scale, mask=mask
+        )
         return None
 
     _Ring(comm, spec.schedule, leaf, grad=False).run(kv)
@@ -205,6 +227,7 @@ def _ring_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     spec: _RingSpec,
+    masks: _Masks,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv in q's dtype, one pass per K/V head group: dq of the pass's heads
     accumulates here, each block's dK/dV accumulator travels with it and lands, once home,
@@ -216,13 +239,12 @@ def _ring_backward(
     dq = (torch.empty if cast else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    pos = _Positions(spec, s, q)
     comm = RingComm(spec.group, spec.schedule.rank, "backward", spec.schedule.link_class)
     for qh, kh in _passes(q, k):
         nq = qh.stop - qh.start
         dq_pass = q.new_zeros((b, s, nq, d), dtype=acc) if cast else dq[:, :, qh]
         home = _backward_pass(
-            comm, spec, pos, dq_pass, dout[:, :, qh], q[:, :, qh], out[:, :, qh], lse[:, qh],
+            comm, spec, masks, dq_pass, dout[:, :, qh], q[:, :, qh], out[:, :, qh], lse[:, qh],
             _pack(k, v, kh, spec),
         )  # fmt: skip
         dk[:, :, kh] = home[0]
@@ -236,7 +258,7 @@ def _ring_backward(
 def _backward_pass(
     comm: RingComm,
     spec: _RingSpec,
-    pos: _Positions,
+    masks: _Masks,
     dq: torch.Tensor,
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -246,22 +268,20 @@ def _backward_pass(
 ) -> torch.Tensor:
     """One pass of the backward ring: dq of these heads accumulates into ``dq``; returns
     this rank's (2, B, S, h, D) dK/dV accumulator, home."""
-    me = spec.schedule.position
     k = kv[0]
     # one block's dK/dV, reused every step: the accumulator it joins is still on its way
     # while the block computes (waiting for it first would serialise that hop)
     partial = k.new_empty((2, *k.shape), dtype=dq.dtype)
 
     def leaf(src: int, block: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        k_pos = pos.cpu(src)
-        if _hidden(pos.cpu(me), k_pos):
+        found = masks.block(src)
+        if found is None:
             return None
-        r = _first_seeing_row(pos.cpu(me), k_pos)
+        r, mask = found
         partial.zero_()
         block_backward_into(
-            dq[:, r:], partial[0], partial[1], dout[:, r:], q[:, r:], block[0], block[1],
-            out[:, r:], lse[:, :, r:], scale=spec.scale,
-            q_pos=pos.dev(me, r), k_pos=pos.dev(src),
+            dq[:, r], partial[0], partial[1], dout[:, r], q[:, r], block[0], block[1],
+            out[:, r], lse[:, :, r], scale=spec.scale, mask=mask,
         )  # fmt: skip
         return partial
 
@@ -285,22 +305,6 @@ def _pack(
     packed[0] = k[:, :, heads]
     packed[1] = v[:, :, heads]
     return packed
-
-
-def _hidden(q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> bool:
-    """True when no query of the shard sees any key of the block (skip it entirely)."""
-    return q_pos is not None and k_pos is not None and bool(k_pos[0] > q_pos[-1])
-
-
-def _first_seeing_row(q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> int:
-    """First query row that sees some key of the block (positions ascend within a shard)."""
-    if q_pos is None or k_pos is None:
-        return 0
-    return int(torch.searchsorted(q_pos, k_pos[:1]))
-
-
-def _on(pos: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if pos is None else pos.to(like.device)
 
 
 # A leaf visit computes one block: (source position, its K/V as (K, V)) -> in backward the
@@ -437,6 +441,25 @@ def _check_scale(softmax_scale: object, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def _check_documents(
+    cu_seqlens: object, q: torch.Tensor, world: int, layout: str
+) -> tuple[int, ...] | None:
+    """cu_seqlens as a tuple, checked against the global length: ``S_local * world``, or
+    for ``docs`` (which pads internally) the most its shards can hold."""
+    seq = q.shape[1] * world
+    if layout != DOCS_LAYOUT:
+        return as_cu_seqlens(cu_seqlens, seq, device=q.device)
+    cu = as_cu_seqlens(cu_seqlens, None, device=q.device)
+    if cu is not None and cu[-1] > seq:
+        raise ValueError(
+            f"cu_seqlens[-1]={cu[-1]} exceeds what layout='docs' shards of {q.shape[1]} rows "
+            f"over {world} ranks hold: {seq} tokens; allowed: cu_seqlens[-1] <= {seq} (shard "
+            "with shard_sequence(..., layout='docs', cu_seqlens=...) and pass the same "
+            "cu_seqlens here)"
+        )
+    return cu
+
+
 def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if group is None and not dist.is_initialized():
         return 1, 0  # one process, no process group: the ring of one
@@ -455,15 +478,18 @@ def _check_plan(plan: Any, world: int, layout: str) -> None:
         )
 
 
+# what every rank must agree on, and how many columns of the gathered table each takes
 _FIELDS = (
-    "q.shape[0] (B)",
-    "q.shape[1] (S_local)",
-    "q.shape[2] (Hq)",
-    "k.shape[2] (Hkv)",
-    "q.shape[3] (D)",
-    "dtype",
-    "causal",
-    "layout",
+    ("q.shape[0] (B)", 1),
+    ("q.shape[1] (S_local)", 1),
+    ("q.shape[2] (Hq)", 1),
+    ("k.shape[2] (Hkv)", 1),
+    ("q.shape[3] (D)", 1),
+    ("dtype", 1),
+    ("causal", 1),
+    ("layout", 1),
+    ("window_size", 2),
+    ("cu_seqlens", 1),  # a fingerprint of the boundaries (MaskSpec.digest)
 )
 
 
@@ -475,40 +501,47 @@ _CHECKED_MAX = 256
 def _check_same_on_every_rank(
     q: torch.Tensor,
     k: torch.Tensor,
-    causal: bool,
+    mask: MaskSpec,
     layout: str,
     group: dist.ProcessGroup | None,
     world: int,
     plan: Any = None,
 ) -> None:
-    """One small all_gather: every rank must agree on shapes, dtype, causal and layout.
+    """One small all_gather: every rank must agree on shapes, dtype, layout and the mask
+    (causal, window, documents: a fingerprint of the boundaries).
 
     Every rank sees the same gathered table, so all raise the same error and none hangs in
     a ring hop whose sizes do not match. It runs once per input signature (shapes, dtype,
-    device, causal, layout, group, plan): on a GPU the gather is a host sync, once per
+    device, mask, layout, group, plan): on a GPU the gather is a host sync, once per
     layer and step if it ran on every call. Ranks that call with the same signatures in
     the same order (the only correct use) keep identical caches, so they skip together; a
     rank that changes its arguments on a later call of a signature the others repeat is
     not caught here (its peers' hops then fail or time out).
     """
-    key = _signature(q, k, causal, layout, group, plan)
+    key = _signature(q, k, mask, layout, group, plan)
     if key is not None and key in _CHECKED:
         _CHECKED.move_to_end(key)
         return
-    mine = [*q.shape, k.shape[2], DTYPES.index(q.dtype), int(causal), LAYOUTS.index(layout)]
+    mine = [*q.shape, k.shape[2], DTYPES.index(q.dtype), int(mask.causal), LAYOUTS.index(layout)]
     mine[3], mine[4] = mine[4], mine[3]  # order as in _FIELDS: B, S, Hq, Hkv, D
+    mine += [*mask.window, mask.digest()]
     device = q.device if q.is_cuda else torch.device("cpu")
     local = torch.tensor(mine, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
     table = torch.stack(gathered).cpu()
-    for column, field in enumerate(_FIELDS):
-        values = table[:, column].tolist()
+    column = 0
+    for field, width in _FIELDS:
+        values: list[Any] = [tuple(row) for row in table[:, column : column + width].tolist()]
+        column += width
         if len(set(values)) > 1:
+            values = [row[0] if width == 1 else row for row in values]
             if field == "dtype":
                 values = [str(DTYPES[i]) for i in values]
             elif field == "layout":
                 values = [LAYOUTS[i] for i in values]
+            elif field == "cu_seqlens":
+                values = [f"fingerprint {i:#x}" if i else "None" for i in values]
             raise ValueError(
                 f"{field} differs between ranks: {values} (by rank); every rank must pass a "
                 "shard of the same sequence with the same arguments"
@@ -522,7 +555,7 @@ def _check_same_on_every_rank(
 def _signature(
     q: torch.Tensor,
     k: torch.Tensor,
-    causal: bool,
+    mask: MaskSpec,
     layout: str,
     group: dist.ProcessGroup | None,
     plan: Any,
@@ -532,7 +565,7 @@ def _signature(
     the cache, so a new group never inherits a dead one's entry."""
     if group is None:
         group = dist.distributed_c10d._get_default_group()
-    key = (tuple(q.shape), k.shape[2], q.dtype, q.device, causal, layout, group, plan)
+    key = (tuple(q.shape), k.shape[2], q.dtype, q.device, mask, layout, group, plan)
     try:
         hash(key)
     except TypeError:

@@ -7,11 +7,14 @@ the ``_into`` forms, which fold a block straight into the running result (forwar
 into out/lse; backward: add into dq/dk/dv), so no block-sized result is ever allocated
 beside the accumulators.
 
-The torch implementation first reduces the mask to *tiles*: global positions are ascending
-in every shard, so the keys a query row sees are a prefix of the block, rows that see
-nothing are a prefix of the rows, and a block is either hidden, fully visible, top-left
-causal (diagonal blocks of every layout, striped off-diagonals) or, rarely, needs an
-explicit mask, which is then built per chunk of rows so memory stays bounded. Each tile is
+The mask of a block reaches it as key *ranges* (``BlockMask``: row i sees keys
+``lo[i] <= j < hi[i]``, both non-decreasing, ringctl.ring.mask) or as causal positions (the
+case ``lo = 0``). The torch implementation first reduces the ranges to *tiles*: rows that see
+nothing are never computed, runs of rows with one range are unmasked tiles, runs whose range
+grows by one key per row are top-left causal tiles (diagonal blocks of every layout,
+striped off-diagonals, a document's own chunk), and the rest (short documents, windows)
+get an explicit mask, built per chunk of rows over the chunk's key range so memory stays
+bounded. A block, or a chunk, where no query sees a key is skipped. Each tile is
 computed one *head chunk* at a time (about 1/8 of the query heads, whole K/V head
 groups or part of one), so the temporaries of a call (inputs cast to the accumulation
 dtype, GQA heads expanded, kernel outputs) are a fraction of a shard, not a shard. On CPU
@@ -24,8 +27,9 @@ bf16 arithmetic ATen's bf16 kernel is also several times slower than casting a h
 
 from __future__ import annotations
 
+import bisect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -56,13 +60,14 @@ def block_forward(
     scale: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    mask: BlockMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B,Sq,Hq,D), lse (B,Hq,Sq))`` in the accumulation dtype; hidden rows: 0, -inf."""
-    _check_positions(q, k, q_pos, k_pos)
+    mask = _block_mask(q, k, q_pos, k_pos, mask)
     kernels = _triton_for(q)
     if kernels is not None:
-        return kernels.block_forward(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos)
-    return _torch_forward(q, k, v, scale, q_pos, k_pos)
+        return kernels.block_forward(q, k, v, scale=scale, ranges=_ranges(mask, q))
+    return _torch_forward(q, k, v, scale, None, None, mask=mask)
 
 
 def block_forward_into(
@@ -75,19 +80,18 @@ def block_forward_into(
     scale: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    mask: BlockMask | None = None,
 ) -> None:
     """Merge this block's attention into the running ``out`` (B,Sq,Hq,D) and ``lse`` (B,Hq,Sq),
     both in the accumulation dtype, in place. Starting from ``out = 0, lse = -inf`` the first
     merge gives the block's own result exactly."""
-    _check_positions(q, k, q_pos, k_pos)
+    mask = _block_mask(q, k, q_pos, k_pos, mask)
     kernels = _triton_for(q)
     if kernels is not None:
-        block_out, block_lse = kernels.block_forward(
-            q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos
-        )
+        block_out, block_lse = kernels.block_forward(q, k, v, scale=scale, ranges=_ranges(mask, q))
         merge_block(out, lse, block_out, block_lse)
         return
-    _torch_forward_into(out, lse, q, k, v, scale, q_pos, k_pos)
+    _torch_forward_into(out, lse, q, k, v, scale, mask)
 
 
 def block_backward(
@@ -101,15 +105,16 @@ def block_backward(
     scale: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    mask: BlockMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` in the accumulation dtype, given the ring's final merged out and lse."""
-    _check_positions(q, k, q_pos, k_pos)
+    mask = _block_mask(q, k, q_pos, k_pos, mask)
     kernels = _triton_for(q)
     if kernels is not None:
         return kernels.block_backward(
-            dout, q, k, v, out, lse, scale=scale, q_pos=q_pos, k_pos=k_pos
+            dout, q, k, v, out, lse, scale=scale, ranges=_ranges(mask, q)
         )
-    return _torch_backward(dout, q, k, v, out, lse, scale, q_pos, k_pos)
+    return _torch_backward(dout, q, k, v, out, lse, scale, None, None, mask=mask)
 
 
 def block_backward_into(
@@ -126,20 +131,21 @@ def block_backward_into(
     scale: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    mask: BlockMask | None = None,
 ) -> None:
     """Add this block's gradients into ``dq`` (like q) and ``dk``/``dv`` (like k), all in the
     accumulation dtype; ``out`` (any float dtype) and ``lse`` are the ring's final ones."""
-    _check_positions(q, k, q_pos, k_pos)
+    mask = _block_mask(q, k, q_pos, k_pos, mask)
     kernels = _triton_for(q)
     if kernels is not None:
         gq, gk, gv = kernels.block_backward(
-            dout, q, k, v, out, lse, scale=scale, q_pos=q_pos, k_pos=k_pos
+            dout, q, k, v, out, lse, scale=scale, ranges=_ranges(mask, q)
         )
         dq.add_(gq)
         dk.add_(gk)
         dv.add_(gv)
         return
-    _torch_backward_into(dq, dk, dv, dout, q, k, v, out, lse, scale, q_pos, k_pos)
+    _torch_backward_into(dq, dk, dv, dout, q, k, v, out, lse, scale, mask)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -194,6 +200,35 @@ def _check_positions(
             )
 
 
+def _block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
+    mask: BlockMask | None,
+) -> BlockMask | None:
+    """The block's mask as ranges, from either form (None: every query sees every key)."""
+    _check_positions(q, k, q_pos, k_pos)
+    if mask is not None:
+        if q_pos is not None:
+            raise ValueError("give either q_pos/k_pos (causal positions) or mask, not both")
+        if mask.lo.shape != (q.shape[1],) or mask.hi.shape != (q.shape[1],):
+            raise ValueError(
+                f"mask ranges have {tuple(mask.lo.shape)} rows; q has {q.shape[1]}: one "
+                "(lo, hi) per query row"
+            )
+        if q.shape[1] and int(mask.hi[-1]) > k.shape[1]:
+            raise ValueError(f"mask.hi[-1]={int(mask.hi[-1])} exceeds the {k.shape[1]} keys")
+        return mask
+    if q_pos is None or k_pos is None:
+        return None
+    return BlockMask.causal(q_pos, k_pos)
+
+
+def _ranges(mask: BlockMask | None, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if mask is None else mask.on(q.device)
+
+
 # ---------------------------------------------------------------- mask -> tiles
 
 
@@ -207,95 +242,143 @@ class Tile:
     visible: torch.Tensor | None = None  # bool (rows, keys) when neither none nor causal
 
 
+@dataclass(eq=False)
+class BlockMask:
+    """One block's mask: query row i sees keys ``lo[i] <= j < hi[i]`` (CPU int64, both
+    non-decreasing down the rows; ringctl.ring.mask.MaskSpec.ranges). Its tiles and device
+    copy are kept, so the forward and the backward of a ring step build them once."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    _tiles: dict[tuple[int | None, torch.device], list[Tile]] = field(
+        default_factory=dict, repr=False
+    )
+    _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
+
+    @classmethod
+    def causal(cls, q_pos: torch.Tensor, k_pos: torch.Tensor) -> BlockMask:
+        """Causal positions: row i sees the keys at or before its position (a prefix)."""
+        hi = torch.searchsorted(k_pos.cpu(), q_pos.cpu(), right=True)
+        return cls(torch.zeros_like(hi), hi)
+
+    def sees_any(self) -> bool:
+        return bool((self.hi > self.lo).any())
+
+    def tiles(self, sk: int, max_rows: int | None, device: torch.device) -> list[Tile]:
+        key = (max_rows, device)
+        if key not in self._tiles:
+            self._tiles[key] = tiles(self.lo.shape[0], sk, self, max_rows, device)
+        return self._tiles[key]
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = (self.lo.to(device), self.hi.to(device))
+        return self._on[device]
+
+
 def tiles(
     sq: int,
     sk: int,
-    q_pos: torch.Tensor | None,
-    k_pos: torch.Tensor | None,
+    mask: BlockMask | None,
     max_rows: int | None = None,
+    device: torch.device | None = None,
 ) -> list[Tile]:
     """The visible part of a block as tiles; [] if no query sees any key.
 
-    Row i sees the first ``n_i`` keys, ``n`` non-decreasing. The rows that see something
-    split into runs: a *plateau* (equal ``n = m``) is one unmasked tile over keys ``0..m``; a
-    *diagonal* (``n`` grows by one per row, from ``m``) is a top-left causal tile over keys
-    ``m-1..`` plus, when ``m > 1``, an unmasked tile over keys ``0..m-1`` for the same rows
-    (tiles of one row range merge by log-sum-exp like blocks). Every block the layouts give
-    is one run (a shard's own block a diagonal from 1, a zigzag off-diagonal block a
-    plateau); runs shorter than MIN_RUN_ROWS (irregular masks) go to explicit-mask tiles of
-    up to CHUNK_ROWS rows. With ``max_rows``, a run is cut into tiles of at most that many
-    rows, so a call's query-side temporaries (casts, dq, the kernel's own copy) stay that
-    small while every row is still computed once per block; a diagonal's later pieces start
-    at m > 1.
+    Rows that see nothing are left out. The others split into runs (``_runs``): a *plateau*
+    (one range ``[a, m)``) is one unmasked tile; a *diagonal* (``[a, m)``, ``[a, m+1)``, ...)
+    is a top-left causal tile over keys ``m-1..`` plus, when ``m-1 > a``, an unmasked tile
+    over keys ``a..m-1`` for the same rows (tiles of one row range merge by log-sum-exp like
+    blocks). Every causal block the layouts give without documents is one run; runs shorter
+    than MIN_RUN_ROWS and irregular rows (windows, one-token documents) go to explicit-mask
+    tiles of up to CHUNK_ROWS consecutive rows over the keys those rows see. With
+    ``max_rows``, tiles have at most that many rows, so a call's query-side temporaries
+    (casts, dq, the kernel's own copy) stay that small while every row is still computed
+    once per block; a diagonal's later pieces start at m > 1.
     """
     cap = max_rows or max(sq, 1)
-    if q_pos is None or k_pos is None:
+    if mask is None:
         return [Tile(slice(r, min(r + cap, sq)), slice(0, sk)) for r in range(0, sq, cap)]
-    counts = torch.searchsorted(k_pos.cpu(), q_pos.cpu(), right=True)  # keys seen, per row
-    first = int((counts == 0).sum())  # rows that see nothing come first
-    runs = _runs(counts[first:], first)
-    n = counts.tolist()
-    whole = len(runs) == 1
+    runs = _runs(mask.lo.cpu(), mask.hi.cpu())
+    lo, hi = mask.lo.tolist(), mask.hi.tolist()
+    whole = len(runs) == 1 and runs[0][2] != "irregular"
     out: list[Tile] = []
-    loose: list[int] = []  # rows of short runs, waiting for explicit-mask tiles
-    for run_start, run_stop, kind in runs:
-        if run_stop - run_start < MIN_RUN_ROWS and not whole:
-            loose.extend(range(run_start, run_stop))
+    loose: list[tuple[int, int]] = []  # row ranges waiting for explicit-mask tiles
+    for start, stop, kind in runs:
+        if kind == "irregular" or (stop - start < MIN_RUN_ROWS and not whole):
+            if loose and loose[-1][1] == start:
+                loose[-1] = (loose[-1][0], stop)
+            else:
+                loose.append((start, stop))
             continue
-        out += _explicit(loose, n, q_pos.device)
-        loose = []
-        for start in range(run_start, run_stop, cap):
-            stop = min(start + cap, run_stop)
-            rows, m = slice(start, stop), n[start]
+        for piece in range(start, stop, cap):
+            end = min(piece + cap, stop)
+            rows, a, m = slice(piece, end), lo[piece], hi[piece]
             if kind == "plateau":
-                out.append(Tile(rows, slice(0, m)))
+                out.append(Tile(rows, slice(a, m)))
                 continue
-            if m > 1:
-                out.append(Tile(rows, slice(0, m - 1)))
-            out.append(Tile(rows, slice(m - 1, m - 1 + stop - start), causal=True))
-    return out + _explicit(loose, n, q_pos.device)
+            if m - 1 > a:
+                out.append(Tile(rows, slice(a, m - 1)))
+            out.append(Tile(rows, slice(m - 1, m - 1 + end - piece), causal=True))
+    for start, stop in loose:
+        out += _explicit(start, stop, mask, min(CHUNK_ROWS, cap), device)
+    return out
 
 
-def _runs(counts: torch.Tensor, offset: int) -> list[tuple[int, int, str]]:
-    """Rows ``offset + i`` split into (start, stop, "plateau" | "diagonal") runs, greedily from
-    the top: a run takes the longest stretch of equal (plateau) or one-apart (diagonal)
-    counts from its first row; a row that fits neither is a plateau of one. Walks the
-    stretches of equal differences, not the rows, so a structured mask costs a few steps."""
-    m = counts.shape[0]
-    if m == 0:
-        return []
-    values, lengths = torch.unique_consecutive(counts[1:] - counts[:-1], return_counts=True)
-    values_l, lengths_l = values.tolist(), lengths.tolist()
+def _runs(lo: torch.Tensor, hi: torch.Tensor) -> list[tuple[int, int, str]]:
+    """The rows that see some key as (start, stop, kind) runs, greedily from the top of each
+    stretch of such rows: "plateau" (equal ranges), "diagonal" (same start, one more key per
+    row), "irregular" (rows each unlike the next). Walks the stretches of equal row-to-row
+    changes, not the rows, so a structured mask costs a few steps."""
+    m = lo.shape[0]
+    sees = (hi > lo).to(torch.int8)
+    edges = torch.diff(sees, prepend=sees.new_zeros(1), append=sees.new_zeros(1))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    stops = (edges == -1).nonzero().flatten().tolist()
+    if m > 1:
+        dlo, dhi = lo.diff(), hi.diff()
+        change = torch.where((dlo == 0) & (dhi >= 0) & (dhi <= 1), dhi, torch.full_like(dhi, 2))
+        values_t, lengths = torch.unique_consecutive(change, return_counts=True)
+        values, ends = values_t.tolist(), torch.cumsum(lengths, 0).tolist()
     runs = []
-    i, seg, seg_start = 0, 0, 0  # current row; the stretch of differences holding diff i
-    while i < m:
-        if i == m - 1:
-            runs.append((offset + i, offset + m, "plateau"))
-            break
-        while seg_start + lengths_l[seg] <= i:
-            seg_start += lengths_l[seg]
-            seg += 1
-        value = values_l[seg]
-        if value in (0, 1):
-            length = seg_start + lengths_l[seg] - i  # differences i.. equal to value
-            kind = "plateau" if value == 0 else "diagonal"
-            runs.append((offset + i, offset + i + length + 1, kind))
-            i += length + 1
-        else:
-            runs.append((offset + i, offset + i + 1, "plateau"))
-            i += 1
+    seg = 0  # the stretch of equal changes holding change i (row i to row i + 1)
+    for first, stop in zip(starts, stops, strict=True):
+        i = first
+        while i < stop:
+            if i == stop - 1:
+                runs.append((i, stop, "plateau"))
+                break
+            seg = bisect.bisect_right(ends, i, lo=seg)
+            value, end = values[seg], min(ends[seg], stop - 1)
+            if value == 2:
+                end = stop if end == stop - 1 else end
+                runs.append((i, end, "irregular"))
+                i = end
+                continue
+            runs.append((i, end + 1, "plateau" if value == 0 else "diagonal"))
+            i = end + 1
     return runs
 
 
-def _explicit(rows: list[int], n: list[int], device: torch.device) -> list[Tile]:
-    """Explicit-mask tiles over ``rows`` (consecutive), CHUNK_ROWS rows at a time."""
+def _explicit(
+    start: int, stop: int, mask: BlockMask, chunk: int, device: torch.device | None
+) -> list[Tile]:
+    """Explicit-mask tiles over rows ``start..stop`` (each seeing some key), ``chunk`` rows
+    at a time, each over the keys its rows see; a chunk of one range needs no mask."""
     out = []
-    for at in range(0, len(rows), CHUNK_ROWS):
-        part = rows[at : at + CHUNK_ROWS]
-        counts = torch.tensor([n[r] for r in part])
-        keys = int(counts.max())
-        visible = torch.arange(keys) < counts[:, None]
-        out.append(Tile(slice(part[0], part[-1] + 1), slice(0, keys), visible=visible.to(device)))
+    for at in range(start, stop, chunk):
+        end = min(at + chunk, stop)
+        lo, hi = mask.lo[at:end], mask.hi[at:end]
+        a, b = int(lo[0]), int(hi[-1])  # lo and hi are non-decreasing
+        rows, keys = slice(at, end), slice(a, b)
+        if int(lo[-1]) == a and int(hi[0]) == b:
+            out.append(Tile(rows, keys))
+            continue
+        key = torch.arange(a, b)
+        visible = (key[None, :] >= lo[:, None]) & (key[None, :] < hi[:, None])
+        out.append(Tile(rows, keys, visible=visible.to(device)))
     return out
 
 
@@ -345,6 +428,14 @@ def _max_rows(q: torch.Tensor, acc: torch.dtype) -> int | None:
     return MAX_TILE_ROWS if q.dtype != acc else None
 
 
+def _tiles_of(
+    mask: BlockMask | None, q: torch.Tensor, k: torch.Tensor, max_rows: int | None
+) -> list[Tile]:
+    if mask is None:
+        return tiles(q.shape[1], k.shape[1], None, max_rows)
+    return mask.tiles(k.shape[1], max_rows, q.device)
+
+
 def _kv_inputs(
     heads: tuple[slice, slice], k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,12 +464,13 @@ def _torch_forward(
     q_pos: torch.Tensor | None,
     k_pos: torch.Tensor | None,
     path: str | None = None,
+    mask: BlockMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = acc_dtype(q.dtype)
     b, sq, hq, d = q.shape
     out = torch.zeros((b, sq, hq, d), dtype=acc, device=q.device)
     lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
-    _torch_forward_into(out, lse, q, k, v, scale, q_pos, k_pos, path)
+    _torch_forward_into(out, lse, q, k, v, scale, _block_mask(q, k, q_pos, k_pos, mask), path)
     return out, lse
 
 
@@ -389,18 +481,17 @@ def _torch_forward_into(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    q_pos: torch.Tensor | None,
-    k_pos: torch.Tensor | None,
+    mask: BlockMask | None,
     path: str | None = None,
 ) -> None:
     tile_forward = _tile_path(q, path)[0]
-    found = tiles(q.shape[1], k.shape[1], q_pos, k_pos, _max_rows(q, out.dtype))
+    found = _tiles_of(mask, q, k, _max_rows(q, out.dtype))
     for heads in head_chunks(q.shape[2], k.shape[2]) if found else ():
         kc, vc = _kv_inputs(heads, k, v, out.dtype)
         for tile in found:
             qt = _dense(q[:, tile.rows, heads[0]], out.dtype)
-            mask = _mask_of(tile, out.dtype, q.device)
-            o, l = tile_forward(qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, mask)
+            add = _mask_of(tile, out.dtype, q.device)
+            o, l = tile_forward(qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, add)
             merge_block(out[:, tile.rows, heads[0]], lse[:, heads[0], tile.rows], o, l)
             del qt, o, l  # before the next tile's: only one tile's temporaries live
         del kc, vc
@@ -417,12 +508,14 @@ def _torch_backward(
     q_pos: torch.Tensor | None,
     k_pos: torch.Tensor | None,
     path: str | None = None,
+    mask: BlockMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    _torch_backward_into(dq, dk, dv, dout, q, k, v, out, lse, scale, q_pos, k_pos, path)
+    mask = _block_mask(q, k, q_pos, k_pos, mask)
+    _torch_backward_into(dq, dk, dv, dout, q, k, v, out, lse, scale, mask, path)
     return dq, dk, dv
 
 
@@ -437,13 +530,12 @@ def _torch_backward_into(
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
-    q_pos: torch.Tensor | None,
-    k_pos: torch.Tensor | None,
+    mask: BlockMask | None,
     path: str | None = None,
 ) -> None:
     acc = dq.dtype
     tile_backward = _tile_path(q, path)[1]
-    found = tiles(q.shape[1], k.shape[1], q_pos, k_pos, _max_rows(q, acc))
+    found = _tiles_of(mask, q, k, _max_rows(q, acc))
     for heads in head_chunks(q.shape[2], k.shape[2]) if found else ():
         qh, kh = heads
         n_kv = kh.stop - kh.start
@@ -455,8 +547,8 @@ def _torch_backward_into(
                 lse[:, qh, rows].to(acc),
             )  # fmt: skip
             qt = _dense(q[:, rows, qh], acc)
-            mask = _mask_of(tile, acc, q.device)
-            gq, gk, gv = tile_backward(grads, qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, mask)
+            add = _mask_of(tile, acc, q.device)
+            gq, gk, gv = tile_backward(grads, qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, add)
             del qt, grads
             dq[:, rows, qh] += gq
             dk[:, tile.keys, kh] += _sum_heads(gk, n_kv)

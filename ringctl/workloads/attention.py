@@ -8,6 +8,9 @@
    gathered, unsharded and compared with SDPA on the whole sequence (rank 0 reports).
 4. Memory: each rank's peak during one more fwd+bwd (`PeakMemory`), gathered, beside the
    planner's prediction (`ringctl.memory.predict_peak`).
+
+With `workload.documents` (packed documents drawn from `seed`), every call passes their
+`cu_seqlens`, and the check compares with SDPA given the block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -36,23 +39,43 @@ def full_inputs(w: Any, seq_len: int, dtype: torch.dtype, device: torch.device) 
     return [torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
 
 
-def local_shards(ctx: Any, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def documents_cu(w: Any, seq_len: int) -> tuple[int, ...] | None:
+    """Boundaries of the packed documents of a `seq_len`-token sequence (drawn from
+    `workload.documents` with `workload.seed`, the same on every rank; explicit lengths cut
+    at `seq_len`), or None: one sequence. The `docs` layout always gets boundaries (one
+    document without `documents`), so any `seq_len` can be sharded."""
+    from ringctl.documents import cu_seqlens_of, parse_documents
+
+    spec = parse_documents(getattr(w, "documents", None))
+    if spec is None:
+        return (0, seq_len) if w.layout == "docs" else None
+    if spec.kind == "lengths":
+        cu = [b for b in cu_seqlens_of(spec.lengths) if b < seq_len]
+        end = min(seq_len, sum(spec.lengths))
+        return tuple(cu) if cu[-1] == end else (*cu, end)
+    return cu_seqlens_of(spec.sample(seq_len, int(w.seed)))
+
+
+def local_shards(ctx: Any, tensors: list[torch.Tensor], cu: tuple[int, ...] | None = None) -> list[torch.Tensor]:
     """This rank's shard (of its ring position) of each full-sequence tensor."""
     from ringctl.ring import shard_sequence
 
     layout = ctx.cfg.workload.layout
     return [
-        shard_sequence(t, ctx.position, ctx.world_size, layout=layout).contiguous()
+        shard_sequence(t, ctx.position, ctx.world_size, layout=layout, cu_seqlens=cu).contiguous()
         for t in tensors
     ]
 
 
-def fwd_bwd(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor):
+def fwd_bwd(
+    ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+    cu: tuple[int, ...] | None = None,
+):  # fmt: skip
     """One forward and backward of ring_attention; returns (out, dq, dk, dv, t_fwd, t_bwd)."""
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
     dist.barrier(ctx.group)
     t0 = time.perf_counter()
-    out = ctx.ring_attention(q, k, v)
+    out = ctx.ring_attention(q, k, v, cu_seqlens=cu)
     _sync(ctx.device)
     t1 = time.perf_counter()
     out.backward(dout)
@@ -76,10 +99,11 @@ def _slowest(values: list[float], ctx: Any) -> list[float]:
 def timing(ctx: Any) -> dict[str, Any]:
     w = ctx.cfg.workload
     dtype = getattr(torch, w.dtype)
-    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device))
+    cu = documents_cu(w, int(w.seq_len))
+    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device), cu)
     fwd, bwd = [], []
     for i in range(int(w.warmup) + int(w.iters)):
-        *_, t_fwd, t_bwd = fwd_bwd(ctx, q, k, v, dout)
+        *_, t_fwd, t_bwd = fwd_bwd(ctx, q, k, v, dout, cu)
         if i >= w.warmup:
             fwd.append(t_fwd)
             bwd.append(t_bwd)
@@ -106,9 +130,10 @@ def link_bytes(ctx: Any) -> dict[str, Any]:
 
     w = ctx.cfg.workload
     dtype = getattr(torch, w.dtype)
-    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device))
+    cu = documents_cu(w, int(w.seq_len))
+    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device), cu)
     reset_comm_stats()
-    fwd_bwd(ctx, q, k, v, dout)
+    fwd_bwd(ctx, q, k, v, dout, cu)
     stats = comm_stats()
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     mine = {p: {link: _per_rank(stats, p, link) for link in LINKS} for p in PHASES}
@@ -132,22 +157,27 @@ def link_bytes(ctx: Any) -> dict[str, Any]:
 
 
 def exactness(ctx: Any) -> dict[str, Any]:
-    """Max abs error of out, dq, dk, dv vs SDPA on the whole sequence, float64."""
+    """Max abs error of out, dq, dk, dv vs SDPA on the whole sequence, float64 (with
+    documents: the block-diagonal mask; padding rows must be exactly 0)."""
     from ringctl.ring import unshard_sequence
 
     w = ctx.cfg.workload
     seq_len = int(w.check_seq_len)
+    cu = documents_cu(w, seq_len)
     full = full_inputs(w, seq_len, torch.float64, ctx.device)
-    out, dq, dk, dv, *_ = fwd_bwd(ctx, *local_shards(ctx, full))
+    q, k, v, dout = local_shards(ctx, full, cu)
+    out, dq, dk, dv, *_ = fwd_bwd(ctx, q, k, v, dout, cu)
     order = list(ctx.plan.ring_order)  # position -> rank
     whole = []
     for local in (out, dq, dk, dv):
         shards = [torch.empty_like(local) for _ in range(ctx.world_size)]
         dist.all_gather(shards, local.contiguous(), group=ctx.group)
-        whole.append(unshard_sequence([shards[r] for r in order], layout=w.layout))
+        whole.append(unshard_sequence(
+            [shards[r] for r in order], layout=w.layout, cu_seqlens=cu, seq_len=seq_len
+        ))  # fmt: skip
     errors = {}
     if ctx.rank == 0:
-        ref = reference(*full, causal=bool(w.causal))
+        ref = reference(*full, causal=bool(w.causal), cu_seqlens=cu)
         for name, got, want in zip(("out", "dq", "dk", "dv"), whole, ref):
             errors[name] = float((got - want).abs().max())
     err = torch.tensor([max(errors.values()) if errors else 0.0], dtype=torch.float64)
@@ -308,25 +338,64 @@ def memory(ctx: Any) -> dict[str, Any]:
     the gradients included, as they are until the caller drops them)."""
     w = ctx.cfg.workload
     dtype = getattr(torch, w.dtype)
-    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device))
+    cu = documents_cu(w, int(w.seq_len))
+    q, k, v, dout = local_shards(ctx, full_inputs(w, w.seq_len, dtype, ctx.device), cu)
     with PeakMemory(ctx.device, exact=True) as mem:
-        kept = fwd_bwd(ctx, q, k, v, dout)
+        kept = fwd_bwd(ctx, q, k, v, dout, cu)
     del kept
     return memory_results(ctx, mem.bytes, "one ring_attention forward+backward")
 
 
-def reference(q, k, v, dout, *, causal: bool) -> list[torch.Tensor]:
-    """SDPA on the whole sequence: out, dq, dk, dv (B, S, H, D)."""
+def document_mask(seq_len: int, cu: tuple[int, ...], causal: bool, device: Any = None) -> torch.Tensor:
+    """(S, S) bool, the block-diagonal mask written out: query i sees key j iff both are in
+    one document (tokens after the last boundary in none), and j <= i when causal."""
+    doc = torch.full((seq_len,), -1, dtype=torch.int64)
+    for d in range(len(cu) - 1):
+        doc[cu[d] : cu[d + 1]] = d
+    sees = (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)
+    if causal:
+        sees &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return sees.to(device)
+
+
+def reference(q, k, v, dout, *, causal: bool, cu_seqlens: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+    """SDPA on the whole sequence: out, dq, dk, dv (B, S, H, D); with documents, SDPA with
+    the block-diagonal mask, and rows that see nothing (padding) 0 with no gradient."""
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
-    ).transpose(1, 2)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if cu_seqlens is None:
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True)
+    else:
+        sees = document_mask(q.shape[1], cu_seqlens, causal, q.device)
+        empty = ~sees.any(1)
+        sees[:, 0] |= empty  # SDPA gives NaN on a row that sees nothing: one key, zeroed below
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=sees, enable_gqa=True)
+        out = out.masked_fill(empty[None, None, :, None], 0.0)
+    out = out.transpose(1, 2)
     out.backward(dout)
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
+def documents_summary(w: Any, world_size: int) -> dict[str, Any] | None:
+    """What results.json records of the packed documents at `workload.seq_len`."""
+    from ringctl.documents import document_lengths, layout_padding
+
+    cu = documents_cu(w, int(w.seq_len))
+    if cu is None or getattr(w, "documents", None) is None:
+        return None
+    lengths = document_lengths(cu)
+    return {
+        "spec": str(getattr(w, "documents", None)), "count": len(lengths), "tokens": cu[-1],
+        "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths),
+        "layout_padding_tokens": layout_padding(int(w.seq_len), world_size) if w.layout == "docs" else 0,
+    }
+
+
 def run(cfg: Any, ctx: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"times": timing(ctx), "bytes": link_bytes(ctx), "memory": memory(ctx)}
+    documents = documents_summary(cfg.workload, ctx.world_size)
+    if documents is not None:
+        result["documents"] = documents
     failures = []
     if cfg.workload.check:
         result["check"] = exactness(ctx)

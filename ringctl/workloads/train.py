@@ -8,7 +8,11 @@ the same optimizer step. So the run is the one-process model with SDPA, step for
 `reference_losses` runs exactly that, and tests compare the two.
 
 Data: token sequences sampled from a fixed random Markov chain (seeded), so there is
-something to learn and nothing to download.
+something to learn and nothing to download. With `workload.documents` each step's sequence
+is packed documents (lengths drawn anew every step from the distribution and the seed):
+attention is block-diagonal causal (`cu_seqlens`), positions restart at every document,
+and tokens after the last boundary (explicit lengths shorter than seq_len) are padding,
+left out of the loss; the reference is SDPA with the same block-diagonal causal mask.
 """
 
 from __future__ import annotations
@@ -35,6 +39,58 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
     )
     return out.transpose(1, 2)
+
+
+class PackedAttention:
+    """The attention function of a model trained on packed documents: the current step's
+    boundaries (``cu``, set before each step) go to ``ring_attention`` as cu_seqlens, or,
+    for the one-process reference (``ring`` None), become SDPA's block-diagonal causal mask
+    (rows that see nothing, padding, give 0)."""
+
+    def __init__(self, ring: Callable[..., torch.Tensor] | None) -> None:
+        self.ring = ring
+        self.cu: tuple[int, ...] | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.ring is not None:
+            return self.ring(q, k, v, cu_seqlens=self.cu)
+        if self.cu is None:
+            return sdpa_attention(q, k, v)
+        from ringctl.workloads.attention import document_mask
+
+        sees = document_mask(q.shape[1], self.cu, True, q.device)
+        empty = ~sees.any(1)
+        sees[:, 0] |= empty
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=sees, enable_gqa=True
+        )
+        return out.masked_fill(empty[None, None, :, None], 0.0).transpose(1, 2)
+
+
+def step_documents(w: Any, step: int) -> tuple[int, ...] | None:
+    """Boundaries of step ``step``'s packed documents, drawn anew each step from
+    `workload.documents` and the seed (None without documents; the `docs` layout, which
+    needs boundaries to shard any length, gets one document)."""
+    from ringctl.documents import cu_seqlens_of, parse_documents
+
+    spec = parse_documents(getattr(w, "documents", None))
+    if spec is None:
+        return (0, int(w.seq_len)) if w.layout == "docs" else None
+    return cu_seqlens_of(spec.sample(int(w.seq_len), int(w.seed) * 1_000_003 + step))
+
+
+def _positions_and_targets(
+    w: Any, cu: tuple[int, ...], targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Whole sequence: positions restarting per document, targets with padding (after the
+    last boundary) ignored (-100), and how many tokens the loss counts."""
+    seq = int(w.seq_len)
+    doc = torch.full((seq,), -1, dtype=torch.long)
+    positions = torch.zeros(seq, dtype=torch.long)
+    for d in range(len(cu) - 1):
+        doc[cu[d] : cu[d + 1]] = d
+        positions[cu[d] : cu[d + 1]] = torch.arange(cu[d + 1] - cu[d])
+    return positions, targets.masked_fill(doc[None, :] < 0, -100), int(w.batch) * cu[-1]
 
 
 class Block(nn.Module):
@@ -108,18 +164,25 @@ def _loss_sum(model: TinyLM, tokens: torch.Tensor, targets: torch.Tensor, positi
     logits = model(tokens, positions)
     # at least float32 (bf16/fp16 logits), and float64 stays float64
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # targets of -100 (padding) are left out
     return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
 
 def reference_losses(w: Any, steps: int, device: torch.device | None = None) -> list[float]:
     """The same model, data and seed in one process with SDPA on the whole sequence."""
     device = device or torch.device("cpu")
-    model, opt = build(w, sdpa_attention, device)
+    attention = PackedAttention(None)
+    model, opt = build(w, attention, device)
     table, positions = markov_table(w), torch.arange(w.seq_len, device=device)
     losses = []
     for step in range(steps):
         seq = batch_at(w, step, table).to(device)
-        loss = _loss_sum(model, seq[:, :-1], seq[:, 1:], positions) / (w.batch * w.seq_len)
+        attention.cu = cu = step_documents(w, step)
+        if cu is None:
+            loss = _loss_sum(model, seq[:, :-1], seq[:, 1:], positions) / (w.batch * w.seq_len)
+        else:
+            pos, targets, count = _positions_and_targets(w, cu, seq[:, 1:].cpu())
+            loss = _loss_sum(model, seq[:, :-1], targets.to(device), pos.to(device)) / count
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -203,15 +266,18 @@ def run(cfg: Any, ctx: Any) -> dict[str, Any]:
     requeued job), so the losses continue exactly where the checkpoint left them. SIGTERM
     and the warning signal stop the run at a step end with a checkpoint of that step."""
     from ringctl.ring import shard_sequence
+    from ringctl.ring.layouts import document_ids
 
     w = cfg.workload
-    model, opt = build(w, ctx.ring_attention, ctx.device)
+    attention = PackedAttention(ctx.ring_attention)
+    model, opt = build(w, attention, ctx.device)
     table = markov_table(w)
 
-    def shard(x: torch.Tensor) -> torch.Tensor:
-        return shard_sequence(x, ctx.position, ctx.world_size, layout=w.layout, dim=1).contiguous().to(ctx.device)
+    def shard(x: torch.Tensor, cu: tuple[int, ...] | None = None) -> torch.Tensor:
+        return shard_sequence(
+            x, ctx.position, ctx.world_size, layout=w.layout, dim=1, cu_seqlens=cu
+        ).contiguous().to(ctx.device)  # fmt: skip
 
-    positions = shard(torch.arange(w.seq_len).unsqueeze(0)).squeeze(0)
     losses: list[float] = []
     checkpoints: list[str] = []
     start = 0
@@ -238,7 +304,17 @@ def run(cfg: Any, ctx: Any) -> dict[str, Any]:
     started = time.perf_counter()
     for step in range(start, int(w.steps)):
         seq = batch_at(w, step, table)
-        loss = _loss_sum(model, shard(seq[:, :-1]), shard(seq[:, 1:]), positions) / (w.batch * w.seq_len)
+        attention.cu = cu = step_documents(w, step)
+        if cu is None:
+            positions = shard(torch.arange(w.seq_len).unsqueeze(0)).squeeze(0)
+            loss = _loss_sum(model, shard(seq[:, :-1]), shard(seq[:, 1:]), positions) / (w.batch * w.seq_len)
+        else:
+            pos, targets, count = _positions_and_targets(w, cu, seq[:, 1:])
+            # padding, and the docs layout's internal pad rows (zeros), are in no document
+            docs = document_ids(w.seq_len, ctx.position, ctx.world_size, w.layout, cu_seqlens=cu)
+            local_targets = shard(targets, cu).masked_fill(docs.to(ctx.device)[None, :] < 0, -100)
+            local_pos = shard(pos.unsqueeze(0), cu).squeeze(0)
+            loss = _loss_sum(model, shard(seq[:, :-1], cu), local_targets, local_pos) / count
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in model.parameters():  # the global loss's gradient = sum of the ranks' parts
