@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ringctl.job import discover, node_name
 from ringctl.plan import ALGORITHMS, ORDERS, RingPlan, make_plan
 from ringctl.ring import ring_attention, shard_sequence, unshard_sequence
-from ringctl.ring.layouts import check_layout, token_positions
+from ringctl.ring.layouts import check_layout, document_positions, token_positions
 from ringctl.topology import Topology, setting
 
 # ring_attention arguments the context fills in itself
@@ -129,16 +129,31 @@ class RingContext:
         return make_plan(placed, layout=layout, algorithm=algorithm, order=order)
 
     # ---- the four operations ------------------------------------------------------------
-    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's part of the full sequence `x` (the same on every rank) along `dim`."""
-        return shard_sequence(x, self.position, self.world_size, layout=self.layout, dim=dim)
+    def shard(self, x: torch.Tensor, dim: int = 1, *, cu_seqlens: Any = None) -> torch.Tensor:
+        """This rank's part of the full sequence `x` (the same on every rank) along `dim`.
+        `cu_seqlens` (packed documents, as `attention` takes them) places the `docs`
+        layout's documents; the other layouts only check it."""
+        return shard_sequence(x, self.position, self.world_size, layout=self.layout, dim=dim, cu_seqlens=cu_seqlens)
 
-    def positions(self, seq_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    def positions(
+        self,
+        seq_len: int,
+        *,
+        cu_seqlens: Any = None,
+        per_document: bool = False,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """Global indices (int64, ascending) of the tokens `shard` gives this rank out of a
-        sequence of `seq_len`: the position ids for RoPE (`.unsqueeze(0)` for a batch)."""
+        sequence of `seq_len`: the position ids for RoPE (`.unsqueeze(0)` for a batch).
+        With `per_document`, positions restart at 0 in every document of `cu_seqlens` (as
+        packed models number them; padding rows get 0)."""
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len={seq_len!r} must be an int >= 1 (the global sequence length)")
-        return token_positions(seq_len, self.position, self.world_size, self.layout, device=device)
+        if per_document:
+            return document_positions(
+                seq_len, self.position, self.world_size, self.layout, cu_seqlens=cu_seqlens, device=device
+            )
+        return token_positions(seq_len, self.position, self.world_size, self.layout, cu_seqlens=cu_seqlens, device=device)
 
     def attention(
         self,
@@ -160,8 +175,12 @@ class RingContext:
             layout=self.layout, group=self.group, plan=self.plan, **options,
         )
 
-    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Every rank's shard of `x` along `dim`, reassembled in sequence order, on every rank.
+    def gather(
+        self, x: torch.Tensor, dim: int = 1, *, cu_seqlens: Any = None, seq_len: int | None = None
+    ) -> torch.Tensor:
+        """Every rank's shard of `x` along `dim`, reassembled in sequence order, on every rank
+        (`docs` layout: pass the `cu_seqlens` it was sharded with, and `seq_len` when the
+        sequence ran past the last boundary; its pad rows are dropped).
 
         Differentiable with the adjoint of an all-gather: a shard's gradient is the sum over
         ranks of what each rank's use of the result sends back (a loss computed identically
@@ -170,7 +189,7 @@ class RingContext:
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim={dim!r} is out of range for x with shape {tuple(x.shape)}")
-        return _Gather.apply(x, self, dim % x.dim())
+        return _Gather.apply(x, self, dim % x.dim(), cu_seqlens, seq_len)
 
     def __repr__(self) -> str:
         return (
@@ -184,16 +203,18 @@ class _Gather(torch.autograd.Function):
     and keeps this rank's tokens (gloo has no reduce_scatter; the shard is not contiguous)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, ring: RingContext, dim: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, ring: RingContext, dim: int, cu_seqlens: Any, seq_len: int | None
+    ) -> torch.Tensor:
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(ring.world_size)]
         dist.all_gather(parts, x, group=ring.group)
         by_position = [parts[rank] for rank in ring.plan.ring_order]
-        ctx.ring, ctx.dim = ring, dim
-        return unshard_sequence(by_position, layout=ring.layout, dim=dim)
+        ctx.ring, ctx.dim, ctx.cu_seqlens = ring, dim, cu_seqlens
+        return unshard_sequence(by_position, layout=ring.layout, dim=dim, cu_seqlens=cu_seqlens, seq_len=seq_len)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         total = grad.contiguous().clone()
         dist.all_reduce(total, group=ctx.ring.group)
-        return ctx.ring.shard(total, ctx.dim), None, None
+        return ctx.ring.shard(total, ctx.dim, cu_seqlens=ctx.cu_seqlens), None, None, None, None

@@ -7,6 +7,7 @@ forward and gradients, for every layout, flat and hierarchical, causal or not, w
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -62,6 +63,48 @@ def _check_exact(ctx: RingContext, causal: bool, seed: int) -> float:
     return float((full - ref_out).abs().max())
 
 
+def _documents_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, cu: list[int]
+) -> tuple[torch.Tensor, ...]:
+    """Attention by definition with the block-diagonal causal mask of documents `cu` (tokens
+    after cu[-1] are padding: zero output, zero gradients): output and dq, dk, dv."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    doc = torch.full((S,), -1)
+    for i, (a, b) in enumerate(itertools.pairwise(cu)):
+        doc[a:b] = i
+    pos = torch.arange(S)
+    visible = (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0) & (pos[None, :] <= pos[:, None])
+    kk, vv = (t.repeat_interleave(HQ // HKV, dim=2) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) / D**0.5
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, vv)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad  # type: ignore[return-value]
+
+
+def _check_documents(ctx: RingContext, cu: list[int]) -> float:
+    """Packed documents through the context (shard, positions, attention, gather all given
+    cu_seqlens) against the block-diagonal causal mask; returns the largest error."""
+    q, k, v, dout = _inputs(77)
+    ref_out, ref_dq, ref_dk, ref_dv = _documents_reference(q, k, v, dout, cu)
+    lq, lk, lv = (ctx.shard(t, cu_seqlens=cu).requires_grad_() for t in (q, k, v))
+    out = ctx.attention(lq, lk, lv, causal=True, cu_seqlens=cu)
+    out.backward(ctx.shard(dout, cu_seqlens=cu))
+    full = ctx.gather(out.detach(), cu_seqlens=cu, seq_len=S)
+    torch.testing.assert_close(full, ref_out, rtol=0, atol=1e-10)
+    for got, want in ((lq.grad, ref_dq), (lk.grad, ref_dk), (lv.grad, ref_dv)):
+        torch.testing.assert_close(got, ctx.shard(want, cu_seqlens=cu), rtol=0, atol=1e-9)
+    # the rows' global positions are the tokens they hold; per document they restart at 0
+    held = ctx.shard(torch.arange(S)[None].double(), cu_seqlens=cu)[0].long()
+    real = ctx.positions(S, cu_seqlens=cu) >= 0
+    torch.testing.assert_close(ctx.positions(S, cu_seqlens=cu)[real], held[real])
+    starts = torch.tensor(cu[:-1])
+    want_doc_pos = held - starts[torch.searchsorted(starts, held, right=True) - 1]
+    in_doc = real & (held < cu[-1])
+    torch.testing.assert_close(ctx.positions(S, cu_seqlens=cu, per_document=True)[in_doc], want_doc_pos[in_doc])
+    return float((full - ref_out).abs().max())
+
+
 def _cyclic_worker(rank: int, world: int) -> dict[str, Any]:
     torch.set_default_dtype(torch.float64)
     os.environ["SLURMD_NODENAME"] = f"node{rank % 2}"  # what SLURM tells a cyclically placed rank
@@ -81,6 +124,11 @@ def _cyclic_worker(rank: int, world: int) -> dict[str, Any]:
             run = RingContext(algorithm=algorithm, layout=layout)
             for causal in (True, False):
                 errors.append(_check_exact(run, causal, seed=len(errors)))
+    # packed documents (one of one token, one longer than a shard, a padded tail) on the
+    # per-document layout and on zigzag, both rings
+    for algorithm in ("flat", "hierarchical"):
+        for layout in ("docs", "zigzag"):
+            errors.append(_check_documents(RingContext(algorithm=algorithm, layout=layout), [0, 3, 4, 11, 14]))
     seen["max_error"] = max(errors)
     seen["cases"] = len(errors)
 
@@ -144,7 +192,7 @@ def test_cyclic_four_ranks_exact_through_the_context() -> None:
     results = run_workers(_cyclic_worker, WORLD)
     assert [r["flat_order"] for r in results] == [[0, 2, 1, 3]] * WORLD
     assert [r["position"] for r in results] == [0, 2, 1, 3]
-    assert all(r["nodes"] == 2 and r["cases"] == 12 for r in results)
+    assert all(r["nodes"] == 2 and r["cases"] == 16 for r in results)
     assert max(r["max_error"] for r in results) <= 1e-10
     # ranks 1 and 2 swap shards under this plan: sharding by rank is far off
     assert max(r["by_rank_error"] for r in results) > 1e-2
