@@ -101,6 +101,49 @@ def _compare(ref: tuple[Any, ...], got: tuple[Any, ...]) -> float:
     return max(float((grads[n] - ref_grads[n]).abs().max()) for n in grads)
 
 
+DOCS = (5, 1, 11, 7)  # a packed row of S tokens: documents of one token and longer than a shard
+
+
+def _packed_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Next-token labels inside each document (-100 at a document's last token)."""
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    for end in torch.tensor(DOCS).cumsum(0).tolist():
+        labels[0, end - 1] = -100
+    return labels
+
+
+def _packed_reference(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Each document run alone through the one-process model (SDPA): the block-diagonal
+    causal result, with positions restarting per document; logits concatenated."""
+    model.zero_grad()
+    logits = torch.cat([model(input_ids=doc).logits for doc in ids.split(list(DOCS), dim=1)], dim=1)
+    labels = _packed_labels(ids)
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    return loss.detach(), logits.detach(), {n: _grad(p).clone() for n, p in model.named_parameters()}
+
+
+def _packed_ring(
+    model: torch.nn.Module, ids: torch.Tensor, shard: Any, gather: Any
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The packed row sharded, with position ids restarting per document (as transformers'
+    DataCollatorWithFlattening gives them), sharded alike; no attention mask."""
+    model.zero_grad()
+    restart = torch.cat([torch.arange(n) for n in DOCS])[None]
+    labels = _packed_labels(ids)
+    logits = model(input_ids=shard(ids), position_ids=shard(restart)).logits
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), shard(labels).reshape(-1), ignore_index=-100, reduction="sum")
+    loss = loss / int((labels != -100).sum())
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {}
+    for name, param in model.named_parameters():
+        dist.all_reduce(_grad(param))
+        grads[name] = _grad(param).clone()
+    return total, gather(logits.detach()), grads
+
+
 def _worker(rank: int, world: int) -> dict[str, Any]:
     ref, ring = _model("sdpa"), _model("ringctl")
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), ring.parameters()))
@@ -125,6 +168,10 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
         _sgd(ref)
         _sgd(ring)
     seen["grad_error"] = grad_error
+
+    # a packed row: position ids restarting at every document, derived into cu_seqlens
+    packed = torch.randint(0, VOCAB, (1, S), generator=torch.Generator().manual_seed(77))
+    seen["packed_grad_error"] = _compare(_packed_reference(ref, packed), _packed_ring(ring, packed, shard, gather))
 
     # a ring context chooses another layout and plan: ranks placed cyclically on 2 nodes
     # (the ring reorders them), striped; given per call, then with ringctl.hf.use
@@ -160,6 +207,7 @@ def test_llama_trains_like_sdpa(world: int) -> None:
     assert all(r["losses"] == results[0]["losses"] for r in results)
     assert results[0]["losses"][-1] < results[0]["losses"][0] - 0.1  # it really trains
     assert max(r["grad_error"] for r in results) <= 1e-9
+    assert max(r["packed_grad_error"] for r in results) <= 1e-9
     if world == 3:  # cyclic on 2 nodes: ranks 0, 2 | 1 -> ring 0, 2, 1
         assert results[0]["order"] == [0, 2, 1]
 
