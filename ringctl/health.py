@@ -208,6 +208,14 @@ def diagnose(
     if quiet and (failed or ended or collective_failed):
         first = min(quiet, key=lambda x: x.beat)
         how = exits.get(first.rank)
+        if how and how.startswith("still running"):
+            # alive but without a heartbeat while its peers ended: stopped or hung (a peer's
+            # watchdog would have said so, had a loaded machine not let a timeout end it first)
+            reason = (
+                f"silent (no heartbeat for {now - first.beat:.0f} s; {how}): stopped or hung, "
+                "not dead"
+            )
+            return Failure(first.rank, first.node, "silent", reason, attempt, others(first.rank))
         if how:
             reason = f"died ({how}) without an error of its own: killed, out of memory or its node lost"
         else:

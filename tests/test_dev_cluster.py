@@ -134,7 +134,9 @@ def test_up_takes_an_empty_state_dir_and_down_removes_it(tmp_path: Path) -> None
         (["--nodes", "0"], "--nodes 0: allowed 1..64"),
         (["--fabric", "inter=fast"], "--fabric inter=fast: not a rate"),
         (["--fabric", "inter=1gbit,nics=0"], "--fabric nics=0: allowed 1..16"),
-        (["--fabric", "speed=1gbit"], "unknown key 'speed' (allowed: inter, nics, burst, latency)"),
+        (["--fabric", "inter=1gbit,links=ring"], "--fabric links=ring: allowed switch, mesh"),
+        (["--nodes", "17", "--fabric", "inter=1gbit,links=mesh"], "allowed up to 16 nodes"),
+        (["--fabric", "speed=1gbit"], "unknown key 'speed' (allowed: inter, nics, burst, latency, links)"),
         (["--prefix", "Node_"], "--prefix Node_"),
     ],
 )
