@@ -53,7 +53,8 @@ BLOCK_IMPLS = ("torch", "triton")
 MAX_PASSES = 8
 MIN_PASS_WORK = {"torch": 1 << 28, "triton": 1 << 37}
 # The torch block path computes a tile in about this many pieces along the query heads, and,
-# where it casts q (bf16/fp16), in pieces of at most MAX_TILE_ROWS query rows.
+# where it casts its inputs (bf16/fp16), in pieces of at most MAX_TILE_ROWS query rows by
+# MAX_TILE_ROWS keys.
 HEAD_CHUNKS = 8
 MAX_TILE_ROWS = 1024
 # ATen's CPU flash kernels: keys per inner tile (scratch per thread).
@@ -256,32 +257,34 @@ def _block_temporaries(
 ) -> tuple[int, int]:  # fmt: skip
     """Bytes alive inside one block call at its largest (all rows, all keys of a shard).
 
-    torch path, per tile (of at most MAX_TILE_ROWS rows when casting) and head chunk of nq
-    query / nk kv heads (one at a time): the tile's inputs cast to the accumulation dtype (q, and dout, out in backward: only when casting;
-    k, v: cast, or copied when several kv heads expand), the kernel's outputs (out; dq, dk,
-    dv over the expanded heads, and the kv heads' sums), ATen's own copy of one query-side
-    operand in backward and its per-thread scratch. Triton path: the kernel's outputs for
-    the whole pass (dq, dk, dv and delta's float32 operands in backward)."""
+    torch path, per tile (of at most MAX_TILE_ROWS rows by MAX_TILE_ROWS keys when casting,
+    else whole) and head chunk of nq query / nk kv heads (one at a time): the tile's inputs
+    cast to the accumulation dtype (q, and dout, out in backward: only when casting; its
+    keys' k, v: cast, or copied when several kv heads expand), the kernel's outputs (out;
+    dq, dk, dv over the expanded heads, and the kv heads' sums), ATen's own copy of one
+    query-side operand in backward and its per-thread scratch. Triton path: the kernel's
+    outputs for the whole pass (dq, dk, dv and delta's float32 operands in backward)."""
     if block_impl == "triton":
         fwd = bsd * hq * a + batch * hq * s * a
         bwd = bsd * hq * a + 2 * bsd * hk * a + (2 if cast else 1) * bsd * hq * 4
         return fwd, bwd
     nq, nk = head_chunk(hq, hk)
     head_dim = bsd // (batch * s)
-    rows = min(s, MAX_TILE_ROWS) if cast else s  # row pieces only where q is cast
+    rows = min(s, MAX_TILE_ROWS) if cast else s  # row and key pieces only where casting
     q_side = batch * rows * nq * head_dim * a  # one tile's query side, accumulation dtype
-    k_conv = bsd * nk * a if cast else 0
-    k_expand = bsd * nq * a if (nk > 1 and nq != nk) else 0
+    bkd = batch * rows * head_dim  # one head of one tile's keys
+    k_conv = bkd * nk * a if cast else 0
+    k_expand = bkd * nq * a if (nk > 1 and nq != nk) else 0
     kv_inputs = 2 * (k_conv + k_expand)
     q_split = 256 if rows >= 768 else 64 if rows >= 192 else 32
-    kv_split = min(_KV_SPLIT, s)
+    kv_split = min(_KV_SPLIT, rows)
     scratch_fwd = threads * (q_split * kv_split + 2 * q_split + q_split * head_dim) * a
     scratch_bwd = threads * 2 * q_split * kv_split * a
     fwd = (q_side if cast else 0) + kv_inputs + q_side + scratch_fwd
-    head_sum = bsd * nk * a if nq != nk else 0
+    head_sum = bkd * nk * a if nq != nk else 0
     bwd = (
         (3 * q_side if cast else 0) + kv_inputs  # inputs cast / expanded
-        + q_side + 2 * bsd * nq * a + head_sum  # dq, dk, dv of the tile
+        + q_side + 2 * bkd * nq * a + head_sum  # dq, dk, dv of the tile
         + q_side + scratch_bwd  # ATen's copy of an operand, and scratch
     )  # fmt: skip
     return fwd, bwd

@@ -181,3 +181,81 @@ def test_strided_head_dim_reads_the_right_elements(path: str) -> None:
     want = block._torch_backward(q, q, k, v, ref_out, ref_lse, 0.25, q_pos, k_pos, path=path)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- tiles cut along keys
+
+
+def _ranges_case(kind: str, sq: int, sk: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row key ranges [lo, hi) (both non-decreasing) of the mask kinds blocks get."""
+    rows = torch.arange(sq)
+    if kind == "causal":  # diagonal from row 0, then rows that see all earlier keys
+        return torch.zeros(sq, dtype=torch.int64), (rows + 1).clamp(max=sk)
+    if kind == "causal-offset":  # a diagonal that starts at key 13 (zigzag's later half)
+        return torch.zeros(sq, dtype=torch.int64), (rows + 14).clamp(max=sk)
+    if kind == "window":
+        return (rows - 9).clamp(0, sk), (rows + 3).clamp(0, sk)
+    if kind == "plateau":
+        return torch.full((sq,), 2, dtype=torch.int64), torch.full((sq,), sk - 1, dtype=torch.int64)
+    lo = torch.sort(torch.randint(0, sk + 1, (sq,), generator=gen)).values
+    hi = torch.maximum(torch.sort(torch.randint(0, sk + 1, (sq,), generator=gen)).values, lo)
+    return lo, hi
+
+
+def _tile_cover(tile: block.Tile) -> torch.Tensor:
+    """The (rows, keys) a tile computes, as bool: its explicit mask, top-left causal, or all."""
+    n, m = tile.rows.stop - tile.rows.start, tile.keys.stop - tile.keys.start
+    if tile.visible is not None:
+        return tile.visible.cpu()
+    if tile.causal:
+        return torch.ones(n, m, dtype=torch.bool).tril()
+    return torch.ones(n, m, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("max_rows", "max_keys"), [(3, 3), (3, 2), (2, 5), (None, 4), (8, 8)])
+@pytest.mark.parametrize("kind", ["causal", "causal-offset", "window", "plateau", "random", "none"])
+def test_key_cut_tiles_cover_the_mask_once_and_stay_exact(
+    kind: str, max_rows: int | None, max_keys: int, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiles cut along keys (and rows) cover every visible (row, key) exactly once, none
+    wider than max_keys, none holding a row that sees none of its keys; causal flags only
+    where the piece is top-left causal. Forward and gradients through such tiles equal the
+    definition in float64."""
+    sq, sk = 29, 41
+    gen = torch.Generator().manual_seed(sq * sk + len(kind))
+    mask = None if kind == "none" else block.BlockMask(*_ranges_case(kind, sq, sk, gen))
+    cols = torch.arange(sk)
+    visible = (
+        torch.ones(sq, sk, dtype=torch.bool) if mask is None
+        else (cols[None, :] >= mask.lo[:, None]) & (cols[None, :] < mask.hi[:, None])
+    )  # fmt: skip
+    found = block.tiles(sq, sk, mask, max_rows, max_keys=max_keys)
+    count = torch.zeros(sq, sk, dtype=torch.int64)
+    for tile in found:
+        assert tile.keys.stop - tile.keys.start <= max_keys, tile
+        assert max_rows is None or tile.rows.stop - tile.rows.start <= max_rows, tile
+        cover = _tile_cover(tile)
+        assert bool(cover.any(1).all()), f"{tile}: a row sees none of the tile's keys"
+        count[tile.rows, tile.keys] += cover.to(torch.int64)
+    assert torch.equal(count, visible.to(torch.int64)), "tiles do not cover the mask exactly once"
+
+    monkeypatch.setattr(block, "_max_rows", lambda q, acc: max_rows)
+    monkeypatch.setattr(block, "_max_keys", lambda q, acc: max_keys)
+    q = torch.randn(B, sq, HQ, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, sk, HKV, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    out, lse = block._torch_forward(q, k, v, 0.3, None, None, path=path, mask=mask)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    groups = HQ // HKV
+    kk, vv = (x.repeat_interleave(groups, 2) for x in leaves[1:])
+    s = torch.einsum("bqhd,bkhd->bhqk", leaves[0], kk) * 0.3
+    s = s.masked_fill(~visible, float("-inf"))
+    ref_lse = torch.logsumexp(s, dim=-1)
+    ref = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - ref_lse.unsqueeze(-1)).nan_to_num(0.0), vv)
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse.detach(), rtol=0, atol=1e-10)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(ref, leaves, dout)
+    got = block._torch_backward(dout, q, k, v, out, lse, 0.3, None, None, path=path, mask=mask)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-9, msg=_prefixed(name))

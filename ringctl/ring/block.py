@@ -16,10 +16,11 @@ striped off-diagonals, a document's own chunk), and the rest (short documents, w
 get an explicit mask, built per chunk of rows over the chunk's key range so memory stays
 bounded. A block, or a chunk, where no query sees a key is skipped. Each tile is
 computed one *head chunk* at a time (about 1/8 of the query heads, whole K/V head
-groups or part of one), so the temporaries of a call (inputs cast to the accumulation
-dtype, GQA heads expanded, kernel outputs) are a fraction of a shard, not a shard. On CPU
-each tile runs ATen's fused flash kernel (``_scaled_dot_product_flash_attention_for_cpu``
-and its backward, which takes the ring's final out/lse like the contract asks); elsewhere, a
+groups or part of one), and where inputs are cast (bf16/fp16) tiles span at most
+MAX_TILE_ROWS rows by MAX_TILE_ROWS keys, K/V cast per tile, so the temporaries of a call
+(inputs cast to the accumulation dtype, GQA heads expanded, kernel outputs) are a fraction
+of a shard, not a shard. On CPU each tile runs ATen's fused flash kernel
+(``_scaled_dot_product_flash_attention_for_cpu`` and its backward, which takes the ring's final out/lse like the contract asks); elsewhere, a
 chunked matmul version. Inputs are computed in the accumulation dtype (float32, or float64
 for float64), so block results carry no bf16/fp16 rounding into the merge; on a CPU without
 bf16 arithmetic ATen's bf16 kernel is also several times slower than casting a head chunk.
@@ -250,7 +251,7 @@ class BlockMask:
 
     lo: torch.Tensor
     hi: torch.Tensor
-    _tiles: dict[tuple[int | None, torch.device], list[Tile]] = field(
+    _tiles: dict[tuple[int | None, int | None, torch.device], list[Tile]] = field(
         default_factory=dict, repr=False
     )
     _on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
@@ -266,10 +267,12 @@ class BlockMask:
     def sees_any(self) -> bool:
         return bool((self.hi > self.lo).any())
 
-    def tiles(self, sk: int, max_rows: int | None, device: torch.device) -> list[Tile]:
-        key = (max_rows, device)
+    def tiles(
+        self, sk: int, max_rows: int | None, device: torch.device, max_keys: int | None = None
+    ) -> list[Tile]:
+        key = (max_rows, max_keys, device)
         if key not in self._tiles:
-            self._tiles[key] = tiles(self.lo.shape[0], sk, self, max_rows, device)
+            self._tiles[key] = tiles(self.lo.shape[0], sk, self, max_rows, device, max_keys)
         return self._tiles[key]
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +287,7 @@ def tiles(
     mask: BlockMask | None,
     max_rows: int | None = None,
     device: torch.device | None = None,
+    max_keys: int | None = None,
 ) -> list[Tile]:
     """The visible part of a block as tiles; [] if no query sees any key.
 
@@ -296,11 +300,20 @@ def tiles(
     tiles of up to CHUNK_ROWS consecutive rows over the keys those rows see. With
     ``max_rows``, tiles have at most that many rows, so a call's query-side temporaries
     (casts, dq, the kernel's own copy) stay that small while every row is still computed
-    once per block; a diagonal's later pieces start at m > 1.
+    once per block; a diagonal's later pieces start at m > 1. With ``max_keys``, tiles also
+    span at most that many keys (``_cut_keys``), so the key-side temporaries (K/V cast per
+    tile, the tile's dK/dV) stay that small too; with ``max_keys == max_rows`` a diagonal's
+    causal tiles are already that wide and its unmasked ones are cut into squares that end
+    on the diagonal.
     """
     cap = max_rows or max(sq, 1)
     if mask is None:
-        return [Tile(slice(r, min(r + cap, sq)), slice(0, sk)) for r in range(0, sq, cap)]
+        kcap = max_keys or max(sk, 1)
+        return [
+            Tile(slice(r, min(r + cap, sq)), slice(c, min(c + kcap, sk)))
+            for r in range(0, sq, cap)
+            for c in range(0, sk, kcap)
+        ]
     runs = _runs(mask.lo.cpu(), mask.hi.cpu())
     lo, hi = mask.lo.tolist(), mask.hi.tolist()
     whole = len(runs) == 1 and runs[0][2] != "irregular"
@@ -324,7 +337,47 @@ def tiles(
             out.append(Tile(rows, slice(m - 1, m - 1 + end - piece), causal=True))
     for start, stop in loose:
         out += _explicit(start, stop, mask, min(CHUNK_ROWS, cap), device)
-    return out
+    if max_keys is None:
+        return out
+    return [cut for tile in out for cut in _cut_keys(tile, mask, max_keys, device)]
+
+
+def _cut_keys(
+    tile: Tile, mask: BlockMask, max_keys: int, device: torch.device | None
+) -> list[Tile]:
+    """``tile`` cut into tiles of at most ``max_keys`` keys, exact: each piece is the mask
+    restricted to its rows and key chunk. Chunks end at the tile's last key (for a diagonal's
+    unmasked tile, on the diagonal). Rows that see none of a chunk's keys leave that piece
+    (lo and hi never decrease, so those that do are consecutive); a piece is unmasked when
+    its rows see one range, causal when it keeps the top-left causal shape, else explicit."""
+    a, b = tile.keys.start, tile.keys.stop
+    if b - a <= max_keys:
+        return [tile]
+    r0, r1 = tile.rows.start, tile.rows.stop
+    lo, hi = mask.lo[r0:r1], mask.hi[r0:r1]
+    out = []
+    for c1 in range(b, a, -max_keys):
+        c0 = max(a, c1 - max_keys)
+        # what each row sees of [c0, c1): [clo, chi), empty when clo >= chi
+        clo, chi = lo.clamp(c0, c1), hi.clamp(c0, c1)
+        sees = (chi > clo).nonzero().flatten()
+        if sees.numel() == 0:
+            continue
+        first, last = int(sees[0]), int(sees[-1]) + 1
+        clo, chi = clo[first:last], chi[first:last]
+        rows, n = slice(r0 + first, r0 + last), last - first
+        k0, k1 = int(clo[0]), int(chi[-1])
+        if int(clo[-1]) == k0 and int(chi[0]) == k1:
+            out.append(Tile(rows, slice(k0, k1)))
+        elif int(clo[-1]) == k0 and k1 - k0 == n and bool(
+            (chi == torch.arange(k0 + 1, k0 + n + 1)).all()
+        ):
+            out.append(Tile(rows, slice(k0, k1), causal=True))
+        else:
+            key = torch.arange(k0, k1)
+            visible = (key[None, :] >= clo[:, None]) & (key[None, :] < chi[:, None])
+            out.append(Tile(rows, slice(k0, k1), visible=visible.to(device)))
+    return out[::-1]
 
 
 def _runs(lo: torch.Tensor, hi: torch.Tensor) -> list[tuple[int, int, str]]:
@@ -428,24 +481,30 @@ def _max_rows(q: torch.Tensor, acc: torch.dtype) -> int | None:
     return MAX_TILE_ROWS if q.dtype != acc else None
 
 
-def _tiles_of(
-    mask: BlockMask | None, q: torch.Tensor, k: torch.Tensor, max_rows: int | None
-) -> list[Tile]:
+def _max_keys(q: torch.Tensor, acc: torch.dtype) -> int | None:
+    """Keys per tile: MAX_TILE_ROWS when K/V are cast (square tiles: each tile's K/V casts
+    and dK/dV are then that small, for one more cast of K/V per row tile), else all."""
+    return MAX_TILE_ROWS if q.dtype != acc else None
+
+
+def _tiles_of(mask: BlockMask | None, q: torch.Tensor, k: torch.Tensor, acc: torch.dtype) -> list[Tile]:
+    max_rows, max_keys = _max_rows(q, acc), _max_keys(q, acc)
     if mask is None:
-        return tiles(q.shape[1], k.shape[1], None, max_rows)
-    return mask.tiles(k.shape[1], max_rows, q.device)
+        return tiles(q.shape[1], k.shape[1], None, max_rows, max_keys=max_keys)
+    return mask.tiles(k.shape[1], max_rows, q.device, max_keys)
 
 
 def _kv_inputs(
-    heads: tuple[slice, slice], k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
+    heads: tuple[slice, slice], keys: slice, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k and v of one head chunk (all keys) in ``dtype``, kv heads expanded to the chunk's
-    query heads: cast once per chunk, then sliced by every tile of the block."""
+    """k and v of one head chunk and one tile's keys in ``dtype``, kv heads expanded to the
+    chunk's query heads: cast per tile, so a cast spans a tile's keys, not the block's (a
+    view, no copy, when nothing is cast or expanded)."""
     qh, kh = heads
     n = qh.stop - qh.start
     return (
-        _expand_heads(_dense(k[:, :, kh], dtype), n),
-        _expand_heads(_dense(v[:, :, kh], dtype), n),
+        _expand_heads(_dense(k[:, keys, kh], dtype), n),
+        _expand_heads(_dense(v[:, keys, kh], dtype), n),
     )
 
 
@@ -485,16 +544,15 @@ def _torch_forward_into(
     path: str | None = None,
 ) -> None:
     tile_forward = _tile_path(q, path)[0]
-    found = _tiles_of(mask, q, k, _max_rows(q, out.dtype))
+    found = _tiles_of(mask, q, k, out.dtype)
     for heads in head_chunks(q.shape[2], k.shape[2]) if found else ():
-        kc, vc = _kv_inputs(heads, k, v, out.dtype)
         for tile in found:
+            kt, vt = _kv_inputs(heads, tile.keys, k, v, out.dtype)
             qt = _dense(q[:, tile.rows, heads[0]], out.dtype)
             add = _mask_of(tile, out.dtype, q.device)
-            o, l = tile_forward(qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, add)
+            o, l = tile_forward(qt, kt, vt, scale, tile, add)
             merge_block(out[:, tile.rows, heads[0]], lse[:, heads[0], tile.rows], o, l)
-            del qt, o, l  # before the next tile's: only one tile's temporaries live
-        del kc, vc
+            del qt, kt, vt, o, l  # before the next tile's: only one tile's temporaries live
 
 
 def _torch_backward(
@@ -535,26 +593,25 @@ def _torch_backward_into(
 ) -> None:
     acc = dq.dtype
     tile_backward = _tile_path(q, path)[1]
-    found = _tiles_of(mask, q, k, _max_rows(q, acc))
+    found = _tiles_of(mask, q, k, acc)
     for heads in head_chunks(q.shape[2], k.shape[2]) if found else ():
         qh, kh = heads
         n_kv = kh.stop - kh.start
-        kc, vc = _kv_inputs(heads, k, v, acc)
         for tile in found:
             rows = tile.rows
+            kt, vt = _kv_inputs(heads, tile.keys, k, v, acc)
             grads = _Grads(
                 _dense(dout[:, rows, qh], acc), _dense(out[:, rows, qh], acc),
                 lse[:, qh, rows].to(acc),
             )  # fmt: skip
             qt = _dense(q[:, rows, qh], acc)
             add = _mask_of(tile, acc, q.device)
-            gq, gk, gv = tile_backward(grads, qt, kc[:, tile.keys], vc[:, tile.keys], scale, tile, add)
-            del qt, grads
+            gq, gk, gv = tile_backward(grads, qt, kt, vt, scale, tile, add)
+            del qt, kt, vt, grads
             dq[:, rows, qh] += gq
             dk[:, tile.keys, kh] += _sum_heads(gk, n_kv)
             dv[:, tile.keys, kh] += _sum_heads(gv, n_kv)
             del gq, gk, gv  # before the next tile's: only one tile's temporaries live
-        del kc, vc
 
 
 def _tile_path(q: torch.Tensor, path: str | None) -> tuple[Any, Any]:
