@@ -47,6 +47,8 @@ class LinkConfig:
 
     bandwidth_GBps: float = MISSING
     latency_us: float = MISSING
+    # switch: one port per rank (intra) / NIC (inter) into a switch | mesh: a link per pair
+    links: str = MISSING
 
 
 @dataclass
@@ -64,6 +66,8 @@ class TopologyConfig:
     intra: LinkConfig = field(default_factory=LinkConfig)
     inter: LinkConfig = field(default_factory=LinkConfig)
     ring: str = MISSING
+    # one_way | bidirectional (K/V heads split, half each way round the ring) | auto
+    direction: str = MISSING
     order: str = MISSING
     distribution: str = MISSING
     virtual_node_size: int | None = MISSING

@@ -41,6 +41,29 @@ ORDERS = ("node", "rank")
 LAYOUTS = ("contiguous", "zigzag", "striped", "docs")
 #: the two passes of one attention call; byte counters and predictions are kept per phase
 PHASES = ("forward", "backward")
+#: how K/V travel (topology.direction): every head one way round the ring, or the heads split
+#: in two lanes walking it in opposite directions in lock-step (both directions of each link)
+DIRECTIONS = ("one_way", "bidirectional")
+#: what topology.direction may say: a direction, or `auto` (the cost model's faster one)
+DIRECTION_CHOICES = ("auto", *DIRECTIONS)
+#: which way a hop goes, as byte counters label it: lane 0 to the next ring position, lane 1
+#: (bidirectional only) to the previous one
+HOP_DIRECTIONS = ("next", "prev")
+
+
+def lane_kv_heads(kv_heads: int, direction: str) -> tuple[int, ...]:
+    """K/V heads each lane carries: all of them one way; bidirectional, the first
+    ceil(Hkv/2) heads forward and the rest backward (ValueError for one K/V head)."""
+    if direction not in DIRECTIONS:
+        raise ConfigError("topology.direction", direction, " | ".join(DIRECTIONS))
+    if direction == "one_way":
+        return (kv_heads,)
+    if kv_heads < 2:
+        raise ValueError(
+            f"kv_heads={kv_heads} cannot be split over two directions; direction="
+            "'bidirectional' needs kv_heads >= 2 (use topology.direction=one_way or auto)"
+        )
+    return (kv_heads - kv_heads // 2, kv_heads // 2)
 #: dtype names (workload.dtype) and their element size
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 #: sizes beyond these are refused: the Triton and flash kernels stop at 256 (head_dim), and
@@ -166,6 +189,10 @@ class RingPlan:
     topology: Topology | None = field(default=None, repr=False, compare=False)
     #: what was asked for: the algorithm itself, or "auto" when the cost model chose it
     requested: str = field(default="", compare=False)
+    #: one_way | bidirectional (DIRECTIONS): how K/V travel the ring
+    direction: str = "one_way"
+    #: what topology.direction asked for: the direction itself, or "auto"
+    direction_requested: str = field(default="", compare=False)
     _positions: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -173,6 +200,8 @@ class RingPlan:
             raise ConfigError("topology.ring", self.algorithm, " | ".join(ALGORITHMS))
         if self.layout not in LAYOUTS:
             raise ConfigError("workload.layout", self.layout, " | ".join(LAYOUTS))
+        if self.direction not in DIRECTIONS:
+            raise ConfigError("topology.direction", self.direction, " | ".join(DIRECTIONS))
         world = self.world_size
         positions = [-1] * world
         if len(self.ring_order) != world or len(self.rank_to_node) != world:
@@ -209,16 +238,19 @@ class RingPlan:
         """"intra" when both ranks share a node, else "inter"."""
         return "intra" if self.rank_to_node[src_rank] == self.rank_to_node[dst_rank] else "inter"
 
-    def edges(self) -> list[tuple[int, int, str, str]]:
+    def edges(self, reverse: bool = False) -> list[tuple[int, int, str, str]]:
         """Every send of one revolution's schedule as (src_rank, dst_rank, link_class, ring):
-        ring is "flat", or "inner"/"outer" for the hierarchical double ring. O(W)."""
+        ring is "flat", or "inner"/"outer" for the hierarchical double ring. O(W).
+        `reverse`: the sends of a bidirectional plan's second lane (every ring walked the
+        other way)."""
         world, order = self.world_size, self.ring_order
         if world == 1:
             return []
         out = []
+        step = -1 if reverse else 1
         if self.algorithm == "flat":
             for p in range(world):
-                src, dst = order[p], order[(p + 1) % world]
+                src, dst = order[p], order[(p + step) % world]
                 out.append((src, dst, self.link_class(src, dst), "flat"))
             return out
         L, N = self.inner_size, self.nodes
@@ -226,12 +258,18 @@ class RingPlan:
             n, l = divmod(p, L)
             src = order[p]
             if L > 1:
-                dst = order[n * L + (l + 1) % L]
+                dst = order[n * L + (l + step) % L]
                 out.append((src, dst, self.link_class(src, dst), "inner"))
             if N > 1:
-                dst = order[((n + 1) % N) * L + l]
+                dst = order[((n + step) % N) * L + l]
                 out.append((src, dst, self.link_class(src, dst), "outer"))
         return out
+
+    def lane_fractions(self, kv_heads: int) -> tuple[float, ...]:
+        """Share of the K/V bytes each lane carries (one lane: 1.0)."""
+        if self.world_size == 1:
+            return (1.0,)
+        return tuple(h / kv_heads for h in lane_kv_heads(kv_heads, self.direction))
 
     @property
     def cross_node_hops(self) -> int:
@@ -253,46 +291,62 @@ class RingPlan:
         return check_seq_len(seq_len, self.layout, self.world_size, key)
 
     def predicted_bytes(
-        self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype_bytes: int, phase: str
-    ) -> dict[str, list[int]]:
+        self,
+        batch: int,
+        seq_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype_bytes: int,
+        phase: str,
+        by_direction: bool = False,
+    ) -> dict[str, Any]:
         """Bytes each global rank SENDS per link class in one `phase` (the schedules of
-        docs/internals.md, byte for byte)."""
+        docs/internals.md, byte for byte): ``{link: [per rank]}``, or with `by_direction`
+        ``{link: {"next"|"prev": [per rank]}}`` (HOP_DIRECTIONS: which way each lane went)."""
         if phase not in PHASES:
             raise ValueError(f"phase={phase!r} is invalid; allowed: {' | '.join(PHASES)}")
         block = self.check_seq_len(seq_len)
-        kv = _kv_bytes(batch, block, kv_heads, head_dim, dtype_bytes)
-        dkv = _kv_bytes(batch, block, kv_heads, head_dim, _acc_bytes(dtype_bytes))
         backward = phase == "backward"
         world = self.world_size
-        out = {link: [0] * world for link in LINKS}
-        if self.algorithm == "flat":
-            if world == 1:
-                return out
-            sent = (world - 1) * kv + (world * dkv if backward else 0)
-            for p in range(world):
-                src, dst = self.ring_order[p], self.ring_order[(p + 1) % world]
-                out[self.link_class(src, dst)][src] = sent
+        out = {link: {d: [0] * world for d in HOP_DIRECTIONS} for link in LINKS}
+        lanes = lane_kv_heads(kv_heads, self.direction) if world > 1 else ()
+        for lane, heads in enumerate(lanes):
+            d = HOP_DIRECTIONS[lane]
+            kv = _kv_bytes(batch, block, heads, head_dim, dtype_bytes)
+            dkv = _kv_bytes(batch, block, heads, head_dim, _acc_bytes(dtype_bytes))
+            if self.algorithm == "flat":
+                sent = (world - 1) * kv + (world * dkv if backward else 0)
+                step = 1 if lane == 0 else -1
+                for p in range(world):
+                    src, dst = self.ring_order[p], self.ring_order[(p + step) % world]
+                    out[self.link_class(src, dst)][d][src] += sent
+                continue
+            N, L = self.nodes, self.inner_size
+            inter = (N - 1) * kv + (N * dkv if backward and N > 1 else 0)
+            intra = N * (L - 1) * kv + (N * L * dkv if backward and L > 1 else 0)
+            out["inter"][d] = [inter] * world
+            out["intra"][d] = [intra] * world
+        if by_direction:
             return out
-        N, L = self.nodes, self.inner_size
-        inter = (N - 1) * kv + (N * dkv if backward and N > 1 else 0)
-        intra = N * (L - 1) * kv + (N * L * dkv if backward and L > 1 else 0)
-        out["inter"] = [inter] * world
-        out["intra"] = [intra] * world
-        return out
+        return {link: [sum(col) for col in zip(*out[link].values(), strict=True)] for link in LINKS}
 
     def bytes_per_step(self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> dict[str, int]:
         """Forward bytes sent by all ranks together per ring step (one KV block computed per
         rank), per link class. Hierarchical: an outer step's bytes / L (it spans L steps)."""
-        kv = _kv_bytes(batch, self.check_seq_len(seq_len), kv_heads, head_dim, dtype_bytes)
-        if self.world_size == 1:
-            return {link: 0 for link in LINKS}
-        if self.algorithm == "hierarchical":
-            N, L = self.nodes, self.inner_size
-            return {"intra": N * (L - 1) * kv, "inter": (N * kv if N > 1 else 0)}
+        block = self.check_seq_len(seq_len)
         counts = {link: 0 for link in LINKS}
-        for _src, _dst, link, _ring in self.edges():
-            counts[link] += 1
-        return {link: counts[link] * kv for link in LINKS}
+        if self.world_size == 1:
+            return counts
+        for lane, heads in enumerate(lane_kv_heads(kv_heads, self.direction)):
+            kv = _kv_bytes(batch, block, heads, head_dim, dtype_bytes)
+            if self.algorithm == "hierarchical":
+                N, L = self.nodes, self.inner_size
+                counts["intra"] += N * (L - 1) * kv
+                counts["inter"] += N * kv if N > 1 else 0
+                continue
+            for _src, _dst, link, _ring in self.edges(reverse=lane == 1):
+                counts[link] += kv
+        return counts
 
     # ---- output -----------------------------------------------------------------------
     def to_dict(self, workload: Workload | None = None) -> dict[str, Any]:
@@ -301,6 +355,8 @@ class RingPlan:
         out: dict[str, Any] = {
             "ring": self.algorithm,
             "ring_requested": self.requested or self.algorithm,
+            "direction": self.direction,
+            "direction_requested": self.direction_requested or self.direction,
             "layout": self.layout,
             "world_size": self.world_size,
             "nodes": self.nodes,
@@ -315,10 +371,21 @@ class RingPlan:
         }
         if workload is not None:
             out.update(estimate(self, workload).to_dict())
+            w = workload
+            out["bytes_by_direction"] = {
+                phase: {
+                    link: {d: sum(per_rank) for d, per_rank in by_dir.items()}
+                    for link, by_dir in self.predicted_bytes(
+                        w.batch, w.seq_len, w.kv_heads, w.head_dim, w.dtype_bytes, phase, by_direction=True
+                    ).items()
+                }
+                for phase in PHASES
+            }
             out["baseline"] = estimate(baseline_plan(self), workload).to_dict()
             out["alternatives"] = {
                 name: {
                     "cross_node_hops": alt.cross_node_hops,
+                    "direction": alt.direction,
                     **{k: v for k, v in estimate(alt, workload).to_dict().items() if k.startswith("predicted_") or k == "overlap_ok"},
                     "overlap_from_seq_len": overlap_seq_len(alt, workload),
                 }
@@ -350,24 +417,44 @@ def make_plan(
     *,
     order: str = "node",
     workload: Workload | None = None,
+    direction: str = "one_way",
 ) -> RingPlan:
     """The plan for `topology`. order="node" (default): node-contiguous ring order;
     order="rank": the rank-order ring 0..W-1 (the topology-blind baseline; flat only), so
     the baseline can run as a real job (`topology.order=rank`). algorithm="auto": the
     algorithm the cost model predicts fastest for `workload` (the default Workload when
-    none is given), among those the topology allows."""
+    none is given), among those the topology allows. direction: one_way | bidirectional |
+    auto (DIRECTION_CHOICES; auto: the faster for `workload`, one_way on a tie)."""
+    if direction not in DIRECTION_CHOICES:
+        raise ConfigError("topology.direction", direction, " | ".join(DIRECTION_CHOICES))
     if algorithm not in RING_CHOICES:
         raise ConfigError("topology.ring", algorithm, " | ".join(RING_CHOICES))
     if layout not in LAYOUTS:
         raise ConfigError("workload.layout", layout, " | ".join(LAYOUTS))
     if order not in ORDERS:
         raise ConfigError("topology.order", order, " | ".join(ORDERS))
-    if algorithm == "auto":
-        candidates = [_build(topology, layout, a, order) for a in _feasible(topology, order)]
-        priced = workload or Workload()
-        best = min(candidates, key=lambda p: estimate(p, priced).total_s)  # ties: flat (first)
-        return replace(best, requested="auto")
-    return _build(topology, layout, algorithm, order)
+    priced = workload or Workload()
+    if direction == "bidirectional" and workload is not None and workload.kv_heads < 2:
+        raise ConfigError(
+            "topology.direction", direction,
+            f"one_way | auto with workload.kv_heads={workload.kv_heads} (bidirectional splits "
+            "the K/V heads into two lanes, one per direction: it needs kv_heads >= 2)",
+        )  # fmt: skip
+    directions = _feasible_directions(priced) if direction == "auto" else (direction,)
+    algorithms = _feasible(topology, order) if algorithm == "auto" else (algorithm,)
+    candidates = [
+        replace(_build(topology, layout, a, order), direction=d, direction_requested=direction)
+        for a in algorithms for d in directions
+    ]
+    if len(candidates) == 1:
+        return replace(candidates[0], requested=algorithm)
+    best = min(candidates, key=lambda p: estimate(p, priced).total_s)  # ties: the first
+    return replace(best, requested=algorithm)
+
+
+def _feasible_directions(workload: Workload) -> tuple[str, ...]:
+    """Directions `auto` weighs: bidirectional needs two K/V heads to split."""
+    return DIRECTIONS if workload.kv_heads >= 2 else ("one_way",)
 
 
 def _feasible(topology: Topology, order: str) -> tuple[str, ...]:
@@ -404,9 +491,15 @@ def _build(topology: Topology, layout: str, algorithm: str, order: str) -> RingP
 
 def alternatives(plan: RingPlan, workload: Workload) -> dict[str, RingPlan]:
     """The plans `ringctl plan` shows side by side on the plan's topology and layout: every
-    feasible algorithm in node order, and the rank-order ring (the topology-blind baseline)."""
+    feasible algorithm in node order, one-way and (two K/V heads or more, several ranks)
+    bidirectional ("flat bidirectional", ...), and the rank-order ring (the topology-blind
+    baseline)."""
     topo = _topology_of(plan)
-    out = {a: _build(topo, plan.layout, a, "node") for a in _feasible(topo, "node")}
+    out = {}
+    for d in _feasible_directions(workload) if plan.world_size > 1 else ("one_way",):
+        for a in _feasible(topo, "node"):
+            name = a if d == "one_way" else f"{a} bidirectional"
+            out[name] = replace(_build(topo, plan.layout, a, "node"), direction=d)
     out["rank-order"] = baseline_plan(plan)
     return out
 
@@ -433,6 +526,7 @@ def plan_from_config(topology: Topology, topology_cfg: Any, workload_cfg: Any) -
         algorithm=setting(topology_cfg, "ring", "auto"),
         order=setting(topology_cfg, "order", "node"),
         workload=workload,
+        direction=setting(topology_cfg, "direction", "auto"),
     )
     plan.check_seq_len(workload.seq_len)
     return plan, workload
@@ -531,27 +625,57 @@ def _min_block(flops_per_pair: float, bytes_per_token: float, path: _Path, loose
     return s_int
 
 
-def _flat_paths(plan: RingPlan, topo: Topology) -> tuple[dict[str, list[_Path]], float]:
-    """Distinct hop classes of a flat ring: inter flows leaving or entering a node share its
-    NICs (flows = max(egress, ingress) of that node). Returns paths per link and the worst
-    flows-per-NIC."""
-    egress = [0] * plan.nodes
-    ingress = [0] * plan.nodes
-    hops = plan.edges()
-    for src, dst, link, _ in hops:
+def _link_factors(plan: RingPlan, topo: Topology, fractions: tuple[float, ...], ring: str) -> tuple[dict[str, set[float]], float]:
+    """How many blocks' worth of bytes the busiest resource under each hop carries per step
+    (a hop then takes latency + factor x block / bandwidth), per link class, for the hops of
+    `ring` ("flat", "inner" or "outer") of every lane (lane i carries `fractions[i]` of each
+    block; lane 1 walks the ring the other way). Switch links: a hop waits on its sender's
+    and receiver's port (a rank's whole share of the class, both lanes together) and, inter,
+    on its nodes' NICs (all the node's inter bytes over `nics_per_node`). Mesh links: on
+    the link of its pair (ranks for intra, nodes for inter) in its direction only. Also
+    returns the worst inter blocks per NIC (flows per NIC for a one-way ring)."""
+    flows = [
+        (src, dst, link, frac)
+        for lane, frac in enumerate(fractions)
+        for src, dst, link, r in plan.edges(reverse=lane == 1)
+        if r == ring
+    ]
+    node = plan.rank_to_node
+    port_out: dict[tuple[str, int], float] = {}
+    port_in: dict[tuple[str, int], float] = {}
+    nic_out: dict[int, float] = {}
+    nic_in: dict[int, float] = {}
+    pair: dict[tuple[str, int, int], float] = {}
+    for src, dst, link, frac in flows:
+        port_out[(link, src)] = port_out.get((link, src), 0.0) + frac
+        port_in[(link, dst)] = port_in.get((link, dst), 0.0) + frac
+        ends = (node[src], node[dst]) if link == "inter" else (src, dst)
+        pair[(link, *ends)] = pair.get((link, *ends), 0.0) + frac
         if link == "inter":
-            egress[plan.rank_to_node[src]] += 1
-            ingress[plan.rank_to_node[dst]] += 1
-    shares: dict[str, set[float]] = {link: set() for link in LINKS}
+            nic_out[node[src]] = nic_out.get(node[src], 0.0) + frac
+            nic_in[node[dst]] = nic_in.get(node[dst], 0.0) + frac
+    factors: dict[str, set[float]] = {link: set() for link in LINKS}
     worst = 0.0
-    for src, dst, link, _ in hops:
-        if link == "intra":
-            shares["intra"].add(1.0)
-            continue
-        flows = max(egress[plan.rank_to_node[src]], ingress[plan.rank_to_node[dst]])
-        worst = max(worst, flows / topo.nics_per_node)
-        shares["inter"].add(min(1.0, topo.nics_per_node / flows))
-    paths = {link: [_path(topo.link(link), s) for s in sorted(shares[link])] for link in LINKS}
+    for src, dst, link, _frac in flows:
+        ends = (node[src], node[dst]) if link == "inter" else (src, dst)
+        if topo.link(link).links == "mesh":
+            factor = pair[(link, *ends)]
+        else:
+            factor = max(port_out[(link, src)], port_in[(link, dst)])
+        if link == "inter":
+            nics = max(nic_out[node[src]], nic_in[node[dst]]) / topo.nics_per_node
+            worst = max(worst, nics)
+            if topo.inter.links == "switch":
+                factor = max(factor, nics)
+        factors[link].add(round(factor, 12))
+    return factors, worst
+
+
+def _flat_paths(plan: RingPlan, topo: Topology, fractions: tuple[float, ...] = (1.0,)) -> tuple[dict[str, list[_Path]], float]:
+    """Distinct hop classes of a flat ring (see _link_factors): paths per link and the worst
+    inter blocks per NIC."""
+    factors, worst = _link_factors(plan, topo, fractions, "flat")
+    paths = {link: [_path(topo.link(link), 1.0 / f) for f in sorted(factors[link], reverse=True)] for link in LINKS}
     return paths, worst
 
 
@@ -581,8 +705,9 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
         for phase in PHASES
     }
     per_step = plan.bytes_per_step(w.batch, w.seq_len, w.kv_heads, w.head_dim, db)
+    fractions = plan.lane_fractions(w.kv_heads)
     if plan.algorithm == "flat":
-        paths, flows = _flat_paths(plan, topo)
+        paths, flows = _flat_paths(plan, topo, fractions)
         every = paths["intra"] + paths["inter"]
         t_kv, t_both, t_dkv = (_slowest(every, x) for x in (kv, kv + dkv, dkv))
         if W == 1:
@@ -602,9 +727,10 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
         transfer = {link: _slowest(paths[link], kv) for link in LINKS}
     else:
         N, L = plan.nodes, plan.inner_size
-        flows = L / topo.nics_per_node if N > 1 else 0.0
-        inner = [_path(topo.intra)] if L > 1 else []
-        outer = [_path(topo.inter, min(1.0, topo.nics_per_node / L))] if N > 1 else []
+        inner_f, _ = _link_factors(plan, topo, fractions, "inner")
+        outer_f, flows = _link_factors(plan, topo, fractions, "outer")
+        inner = [_path(topo.intra, 1.0 / max(inner_f["intra"]))] if L > 1 else []
+        outer = [_path(topo.inter, 1.0 / max(outer_f["inter"]))] if N > 1 else []
 
         def inner_ring(compute: float, moving: float, home: float) -> float:
             """L computes, L-1 overlapped intra hops, then the accumulator's hop home."""

@@ -1,5 +1,5 @@
 """Human views of a RingPlan: a rich table (flat, hierarchical and the rank-order baseline
-side by side) and a PNG of the ring drawn on the nodes, cross-node hops in another colour,
+side by side), a second one (the plan's ring one-way and bidirectional) and a PNG of the ring drawn on the nodes, cross-node hops in another colour,
 the outer ring as one labelled lane per node pair (no torch import).
 
 matplotlib is used through its object API on the Agg canvas, so drawing never touches the
@@ -9,11 +9,12 @@ global backend of a job that imports this module.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ringctl.memory import MemoryCheck, check_plan_memory
-from ringctl.plan import RingPlan, Workload, alternatives, estimate, overlap_seq_len
+from ringctl.plan import HOP_DIRECTIONS, PHASES, RingPlan, Workload, alternatives, estimate, overlap_seq_len
 from ringctl.topology import Topology
 
 #: colours of the link classes in the picture and the table
@@ -82,8 +83,8 @@ def plan_table(plan: RingPlan, workload: Workload, memory: MemoryCheck | None = 
     the same limit and the longest seq_len that fits it."""
     from rich.table import Table
 
-    plans = alternatives(plan, workload)
-    mine = next((name for name, alt in plans.items() if alt == plan), None)
+    plans = {n: p for n, p in alternatives(plan, workload).items() if p.direction == "one_way"}
+    mine = next((name for name, alt in plans.items() if replace(alt, direction=plan.direction) == plan), None)
     if mine is None:  # the plan is the rank-order ring itself (topology.order=rank)
         mine = "rank-order"
     costs = {name: estimate(alt, workload) for name, alt in plans.items()}
@@ -119,6 +120,40 @@ def plan_table(plan: RingPlan, workload: Workload, memory: MemoryCheck | None = 
         row("peak memory / rank (fwd+bwd + inputs)", lambda n, p, c: _peak(checks[n]))
         if memory.limit_bytes is not None:
             row("longest seq_len that fits memory", lambda n, p, c: f"{checks[n].max_seq_len:,}")
+    return table
+
+
+def direction_table(plan: RingPlan, workload: Workload) -> Any:
+    """A rich Table: the plan's algorithm one-way and bidirectional side by side (K/V bytes
+    per phase, link class and direction summed over ranks, transfer per hop, fwd+bwd); None
+    where bidirectional cannot run (one rank, one K/V head)."""
+    from rich.table import Table
+
+    if plan.world_size == 1 or workload.kv_heads < 2:
+        return None
+    w = workload
+    plans = {d: replace(plan, direction=d) for d in ("one_way", "bidirectional")}
+    costs = {d: estimate(p, w) for d, p in plans.items()}
+    how = " (chosen by topology.direction=auto)" if plan.direction_requested == "auto" else ""
+    links = ", ".join(f"{link} {plan.topology.link(link).links}" for link in ("intra", "inter")) if plan.topology else ""
+    table = Table(title=f"Direction: {plan.algorithm} ring one-way vs bidirectional{how}; links: {links}", title_justify="left")
+    table.add_column("")
+    for d in plans:
+        table.add_column(f"[bold]{d} <- plan[/]" if d == plan.direction else d)
+    sent = {
+        d: {phase: p.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, w.dtype_bytes, phase, by_direction=True) for phase in PHASES}
+        for d, p in plans.items()
+    }
+    for link in ("intra", "inter"):
+        color = COLORS[link]
+        for hop in HOP_DIRECTIONS:
+            table.add_row(
+                f"[{color}]bytes fwd, {link} -> {hop}[/]",
+                *(human_bytes(sum(sent[d]["forward"][link][hop])) for d in plans),
+            )
+        table.add_row(f"[{color}]transfer / hop, {link}[/]", *(human_time(costs[d].transfer_s[link]) for d in plans))
+    fastest = min(c.total_s for c in costs.values())
+    table.add_row("forward + backward", *(human_time(c.total_s) + (" [green](fastest)[/]" if c.total_s == fastest else "") for c in costs.values()))
     return table
 
 
@@ -179,6 +214,9 @@ def print_report(
         f"{w.dtype}, {'causal' if w.causal else 'full'}"
     )
     console.print(plan_table(plan, workload, memory))
+    direction = direction_table(plan, workload)
+    if direction is not None:
+        console.print(direction)
     if memory is not None:
         console.print(memory_line(memory))
 

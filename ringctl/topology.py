@@ -3,7 +3,10 @@
 A Topology is what the planner needs from the machine: nodes, ranks per node (uneven
 allowed), which global rank sits on which node, and two link classes — `intra` (inside a
 node, e.g. NVLink) and `inter` (between nodes, e.g. InfiniBand, `nics_per_node` NICs per
-node). It is built from config before a run (`from_config`, rank placement from SLURM's
+node). Each class says what kind of links it has (`links`): `switch` (every rank's or NIC's
+port into one switch: InfiniBand, NVSwitch; a port's egress carries whatever it sends, to
+any peer) or `mesh` (a link per pair, each direction with its own bandwidth: point-to-point
+NVLink, xGMI, the dev cluster's `--fabric links=mesh`). It is built from config before a run (`from_config`, rank placement from SLURM's
 `--distribution`) and from the ranks' real node names at run time (`discover`), so the plan
 is right whatever numbering SLURM chose.
 """
@@ -19,16 +22,21 @@ from ringctl.errors import ConfigError, check_positive_int
 
 DISTRIBUTIONS = ("block", "cyclic")
 LINKS = ("intra", "inter")
+#: what a link class's `links` may say: one port per rank (intra) or NIC (inter) into a
+#: switch, or a link per pair of ranks (intra) or nodes (inter)
+LINK_KINDS = ("switch", "mesh")
 
 
 @dataclass(frozen=True)
 class LinkClass:
     """One class of link. Bandwidth is GB/s (1e9 bytes/s) in one direction per link (per NIC
-    for `inter`); latency is the per-message start-up cost in microseconds."""
+    for `inter` on a switch, per node pair on a mesh); latency is the per-message start-up
+    cost in microseconds; `links`: switch | mesh (LINK_KINDS)."""
 
     name: str
     bandwidth_GBps: float
     latency_us: float
+    links: str = "switch"
 
     def __post_init__(self) -> None:
         key = f"topology.{self.name}"
@@ -36,6 +44,11 @@ class LinkClass:
             raise ConfigError(f"{key}.bandwidth_GBps", self.bandwidth_GBps, "a number > 0 (GB/s, one direction)")
         if not _is_number(self.latency_us) or self.latency_us < 0:
             raise ConfigError(f"{key}.latency_us", self.latency_us, "a number >= 0 (microseconds)")
+        if self.links not in LINK_KINDS:
+            raise ConfigError(
+                f"{key}.links", self.links,
+                "switch (a port per rank/NIC into a switch) | mesh (a link per pair, each direction its own)",
+            )  # fmt: skip
 
 
 def _is_number(value: Any) -> bool:
@@ -231,7 +244,10 @@ def _link(cfg: Any, key: str, bandwidth: float, latency: float) -> LinkClass:
     sub = setting(cfg, key, None)
     if sub is None:
         return LinkClass(key, bandwidth, latency)
-    return LinkClass(key, setting(sub, "bandwidth_GBps", bandwidth), setting(sub, "latency_us", latency))
+    return LinkClass(
+        key, setting(sub, "bandwidth_GBps", bandwidth), setting(sub, "latency_us", latency),
+        setting(sub, "links", "switch"),
+    )  # fmt: skip
 
 
 def place_ranks(counts: Sequence[int], distribution: str) -> tuple[int, ...]:

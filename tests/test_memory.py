@@ -3,7 +3,7 @@
 Predictor tests are arithmetic on its own outputs: a breakdown that sums to the total,
 peaks that grow with what they should, max_seq_len the inverse of predict_peak. The runtime
 tests run ring_attention on gloo processes with several head passes forced (the pass
-threshold lowered in the workers, tiles cut into pieces of 3 rows) and check what the
+threshold lowered in the workers, tiles cut into pieces of 3 rows by 3 keys) and check what the
 prediction assumes: as many passes as
 ``head_passes`` says, as many K/V and dK/dV buffers as the estimate counts, outputs and
 gradients still equal to float64 SDPA, and bytes per link class still the plan's. Nothing
@@ -189,6 +189,7 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
 
     memory.MIN_PASS_WORK = {"torch": 1, "triton": 1}  # as many passes as the heads allow
     block._max_rows = lambda q, acc: 3  # and tiles cut in row pieces (diagonal ones from m > 1)
+    block._max_keys = lambda q, acc: 3  # and in key pieces: square tiles, as bf16 gets them
     runs: list[Any] = []
     real_run = attention._Ring.run
 
@@ -197,7 +198,7 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
         runs.append(self)
         return home
 
-    attention._Ring.run = counting_run  # type: ignore[method-assign]
+    attention._Ring.run = counting_run  # type: ignore[method-assign,assignment]
     report = {}
     for name, w, algorithm, nodes in PLANS:
         if w != world:

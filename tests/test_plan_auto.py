@@ -24,7 +24,7 @@ def _topology(nodes: int, per_node: int, nics: int, distribution: str = "block")
 )
 def test_auto_is_the_cheapest_feasible_algorithm(nodes: int, per_node: int, nics: int) -> None:
     topo = _topology(nodes, per_node, nics)
-    chosen = make_plan(topo, algorithm="auto", workload=H100_LAYER)
+    chosen = make_plan(topo, algorithm="auto", direction="auto", workload=H100_LAYER)
     totals = {name: estimate(p, H100_LAYER).total_s for name, p in alternatives(chosen, H100_LAYER).items() if name != "rank-order"}
     assert chosen.requested == "auto"
     assert estimate(chosen, H100_LAYER).total_s == min(totals.values())
@@ -76,7 +76,9 @@ def test_plan_json_has_the_alternatives() -> None:
     plan = make_plan(_topology(2, 8, 8), algorithm="auto", workload=H100_LAYER)
     data = plan.to_dict(H100_LAYER)
     assert data["ring_requested"] == "auto"
-    assert set(data["alternatives"]) == {"flat", "hierarchical", "rank-order"}
+    assert set(data["alternatives"]) == {
+        "flat", "hierarchical", "flat bidirectional", "hierarchical bidirectional", "rank-order"
+    }
     for figures in data["alternatives"].values():
         assert figures["predicted_total_time_s"] > 0
         assert figures["overlap_from_seq_len"] % plan.seq_len_divisor == 0

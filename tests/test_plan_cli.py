@@ -113,7 +113,7 @@ def test_unknown_topology(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip() == (
         "ringctl plan: topology='nope' is invalid; allowed: 16node, 1node, 2node, 4node, "
-        "emulated2node, emulated2node_rails, emulated3node"
+        "emulated2node, emulated2node_rails, emulated3node, emulated3node_mesh"
     )
 
 

@@ -63,6 +63,8 @@ EXAMPLES: dict[str, Example] = {
     "ringctl launch +topology=2node workload=custom workload.entry=mypkg.mod:main": LOCAL,
     "ringctl launch +topology=2node wait=false": LOCAL,
     "ringctl launch topology.memory_per_rank_GB=0.01": LOCAL,
+    "ringctl plan +topology=emulated3node_mesh workload.seq_len=6144": LOCAL,
+    "ringctl plan +topology=emulated3node_mesh --json": LOCAL,
     "ringctl launch +topology=2node workload=train workload.steps=10 workload.layout=docs \"workload.documents='lognormal:mean=64'\"": LOCAL,
     "ringctl launch +topology=2node workload=attention workload.documents=[100,1,37,300]": LOCAL,
     "ringctl plan +topology=2node workload.layout=docs \"workload.documents='lognormal:mean=2048'\" --json": LOCAL,
@@ -249,6 +251,16 @@ def test_packed_documents_examples(local: Shell) -> None:
         "ringctl plan +topology=2node workload.layout=docs \"workload.documents='lognormal:mean=2048'\" --json"
     )))
     assert plan["documents"]["imbalance"] <= 1.05
+
+
+def test_bidirectional_plan_examples(local: Shell) -> None:
+    """On the emulated mesh the planner prices both directions and picks bidirectional; the
+    table shows the two side by side, the JSON the bytes per link class and direction."""
+    out = ok(local.run("ringctl plan +topology=emulated3node_mesh workload.seq_len=6144"))
+    assert "bidirectional" in out and "one_way" in out.replace("one-way", "one_way"), out
+    plan = json.loads(ok(local.run("ringctl plan +topology=emulated3node_mesh --json")))
+    assert plan["direction"] == "bidirectional", plan["direction"]
+    assert plan["bytes_by_direction"], plan
 
 
 def test_composing_without_submitting(local: Shell) -> None:

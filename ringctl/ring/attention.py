@@ -15,6 +15,14 @@ per *pass*, a group of K/V heads with their query heads (ringctl.memory.head_pas
 heads are independent, so each pass holds only its heads' blocks in flight, accumulators
 and kernel temporaries, and a rank's peak is its results plus 1/P of the ring's working
 set (ringctl/memory.py predicts it, component by component).
+
+Bidirectional pass-KV (``plan.direction == "bidirectional"``): each pass's K/V heads split
+in two *lanes* (``ringctl.plan.lane_kv_heads``: the first ceil(Hkv/2) heads and the rest)
+that the same loop runs in lock-step: lane 0 on the schedule, lane 1 on its reverse (every
+level walked the other way). Each step posts both lanes' hops, computes both held blocks,
+then waits both hops; in backward each lane's dK/dV accumulators follow it. Each link
+direction then carries half the bytes per step, which is a gain only where each node pair
+has its own link (a mesh); a switch port's egress carries both halves.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch.distributed as dist
 
 from ringctl.documents import DOCS_LAYOUT, check_window
 from ringctl.memory import head_passes
+from ringctl.plan import HOP_DIRECTIONS, lane_kv_heads
 
 from .block import BlockMask, block_backward_into, block_forward_into, block_impl_for
 from .comm import RingComm
@@ -76,7 +85,7 @@ def ring_attention(
     if plan is None:
         plan = _rank_order_plan(world, layout)
     else:
-        _check_plan(plan, world, layout)
+        _check_plan(plan, world, layout, k.shape[2])
     if world > 1:
         _check_same_on_every_rank(q, k, mask, layout, group, world, plan)
     spec = _RingSpec(group, make_schedule(plan, rank), layout, mask, scale)
@@ -157,17 +166,32 @@ class _Masks:
         return self._blocks[src]
 
 
-def _passes(q: torch.Tensor, k: torch.Tensor) -> list[tuple[slice, slice]]:
-    """(query heads, K/V heads) of each pass of the ring (ringctl.memory.head_passes: heads
-    are independent, so a pass holds only its heads' blocks, accumulators, temporaries)."""
+def _passes(q: torch.Tensor, k: torch.Tensor, lanes: int) -> list[list[tuple[slice, slice]]]:
+    """Each pass of the ring as (query heads, K/V heads) per lane (ringctl.memory.head_passes:
+    heads are independent, so a pass holds only its heads' blocks, accumulators,
+    temporaries). Two lanes: lane 0 owns the first ceil(Hkv/2) K/V heads and lane 1 the
+    rest (lane_kv_heads, what the plan's byte prediction assumes); each pass takes a
+    near-equal contiguous share of both, with at most as many passes as lane 1 has heads."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     n = head_passes(
         batch=b, shard_tokens=s, heads=hq, kv_heads=hkv, head_dim=d, block_impl=block_impl_for(q)
     )
-    per, group = hkv // n, hq // hkv
-    return [(slice(j * per * group, (j + 1) * per * group), slice(j * per, (j + 1) * per))
-            for j in range(n)]  # fmt: skip
+    group = hq // hkv
+    if lanes == 1:
+        per = hkv // n
+        return [[(slice(j * per * group, (j + 1) * per * group), slice(j * per, (j + 1) * per))]
+                for j in range(n)]  # fmt: skip
+    sizes = lane_kv_heads(hkv, "bidirectional")
+    n = max(1, min(n, sizes[1]))
+    passes: list[list[tuple[slice, slice]]] = [[] for _ in range(n)]
+    start = 0
+    for heads in sizes:
+        for j in range(n):
+            lo, hi = start + heads * j // n, start + heads * (j + 1) // n
+            passes[j].append((slice(lo * group, hi * group), slice(lo, hi)))
+        start += heads
+    return passes
 
 
 def _ring_forward(
@@ -185,13 +209,20 @@ def _ring_forward(
     out = (torch.empty if cast else torch.zeros)((b, s, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
     comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
-    for qh, kh in _passes(q, k):
-        nq = qh.stop - qh.start
-        merged = q.new_zeros((b, s, nq, d), dtype=acc) if cast else out[:, :, qh]
-        _forward_pass(comm, spec, masks, merged, lse[:, qh], q[:, :, qh], _pack(k, v, kh, spec))
+    for lanes in _passes(q, k, spec.schedule.lanes):
+        merged = [
+            q.new_zeros((b, s, qh.stop - qh.start, d), dtype=acc) if cast else out[:, :, qh]
+            for qh, _ in lanes
+        ]
+        _forward_pass(
+            comm, spec, masks,
+            [(m, lse[:, qh], q[:, :, qh], _pack(k, v, kh, spec))
+             for m, (qh, kh) in zip(merged, lanes, strict=True)],
+        )  # fmt: skip
         if cast:
-            out[:, :, qh] = merged
-        del merged  # not alive through the next pass
+            for lane, (qh, _) in enumerate(lanes):
+                out[:, :, qh] = merged[lane]
+        del merged  # not alive through the next pass (no loop variable keeps one either)
     return out, lse
 
 
@@ -199,24 +230,26 @@ def _forward_pass(
     comm: RingComm,
     spec: _RingSpec,
     masks: _Masks,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    q: torch.Tensor,
-    kv: Any,
+    lanes: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]],
 ) -> None:
-    """One pass of the forward ring: merge every block of these heads into ``out``/``lse``."""
+    """One pass of the forward ring: each lane's (out, lse, q, packed K/V) merges every
+    block of its heads into its ``out``/``lse``."""
 
-    def leaf(src: int, block: Sequence[torch.Tensor]) -> None:
-        found = masks.block(src)
-        if found is None:  # no query sees any key of this block
+    def leaf_of(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> Leaf:
+        def leaf(src: int, block: Sequence[torch.Tensor]) -> None:
+            found = masks.block(src)
+            if found is None:  # no query sees any key of this block
+                return None
+            r, mask = found  # rows outside r see nothing of this block
+            block_forward_into(
+                out[:, r], lse[:, :, r], q[:, r], block[0], block[1], scale=spec.scale, mask=mask
+            )
             return None
-        r, mask = found  # rows outside r see nothing of this block
-        block_forward_into(
-            out[:, r], lse[:, :, r], q[:, r], block[0], block[1], scale=spec.scale, mask=mask
-        )
-        return None
 
-    _Ring(comm, spec.schedule, leaf, grad=False).run(kv)
+        return leaf
+
+    leaves = [leaf_of(out, lse, q) for out, lse, q, _ in lanes]
+    _Ring(comm, spec.schedule, leaves, grad=False).run([kv for *_, kv in lanes])
 
 
 def _ring_backward(
@@ -240,18 +273,22 @@ def _ring_backward(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     comm = RingComm(spec.group, spec.schedule.rank, "backward", spec.schedule.link_class)
-    for qh, kh in _passes(q, k):
-        nq = qh.stop - qh.start
-        dq_pass = q.new_zeros((b, s, nq, d), dtype=acc) if cast else dq[:, :, qh]
-        home = _backward_pass(
-            comm, spec, masks, dq_pass, dout[:, :, qh], q[:, :, qh], out[:, :, qh], lse[:, qh],
-            _pack(k, v, kh, spec),
+    for lanes in _passes(q, k, spec.schedule.lanes):
+        dq_pass = [
+            q.new_zeros((b, s, qh.stop - qh.start, d), dtype=acc) if cast else dq[:, :, qh]
+            for qh, _ in lanes
+        ]
+        homes = _backward_pass(
+            comm, spec, masks,
+            [(g, dout[:, :, qh], q[:, :, qh], out[:, :, qh], lse[:, qh], _pack(k, v, kh, spec))
+             for g, (qh, kh) in zip(dq_pass, lanes, strict=True)],
         )  # fmt: skip
-        dk[:, :, kh] = home[0]
-        dv[:, :, kh] = home[1]
-        if cast:
-            dq[:, :, qh] = dq_pass
-        del home, dq_pass  # not alive through the next pass
+        for lane, (qh, kh) in enumerate(lanes):
+            dk[:, :, kh] = homes[lane][0]
+            dv[:, :, kh] = homes[lane][1]
+            if cast:
+                dq[:, :, qh] = dq_pass[lane]
+        del homes, dq_pass  # not alive through the next pass (no loop variable keeps one either)
     return dq, dk, dv
 
 
@@ -259,36 +296,41 @@ def _backward_pass(
     comm: RingComm,
     spec: _RingSpec,
     masks: _Masks,
-    dq: torch.Tensor,
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    kv: Any,
-) -> torch.Tensor:
-    """One pass of the backward ring: dq of these heads accumulates into ``dq``; returns
-    this rank's (2, B, S, h, D) dK/dV accumulator, home."""
-    k = kv[0]
-    # one block's dK/dV, reused every step: the accumulator it joins is still on its way
-    # while the block computes (waiting for it first would serialise that hop)
-    partial = k.new_empty((2, *k.shape), dtype=dq.dtype)
+    lanes: Sequence[tuple[torch.Tensor, ...] | tuple[Any, ...]],
+) -> list[torch.Tensor]:
+    """One pass of the backward ring: each lane's (dq, dout, q, out, lse, packed K/V);
+    dq of the lane's heads accumulates into its ``dq``. Returns each lane's
+    (2, B, S, h, D) dK/dV accumulator, home."""
 
-    def leaf(src: int, block: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        found = masks.block(src)
-        if found is None:
-            return None
-        r, mask = found
-        partial.zero_()
-        block_backward_into(
-            dq[:, r], partial[0], partial[1], dout[:, r], q[:, r], block[0], block[1],
-            out[:, r], lse[:, :, r], scale=spec.scale, mask=mask,
-        )  # fmt: skip
-        return partial
+    def leaf_of(
+        dq: torch.Tensor, dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, kv: Any,
+    ) -> Leaf:  # fmt: skip
+        k = kv[0]
+        # one block's dK/dV, reused every step (one per lane: both lanes' blocks compute
+        # before either joins its accumulator): the accumulator it joins is still on its
+        # way while the block computes (waiting for it first would serialise that hop)
+        partial = k.new_empty((2, *k.shape), dtype=dq.dtype)
 
-    home = _Ring(comm, spec.schedule, leaf, grad=True).run(kv)
-    if home is None:  # with grad set, run() always returns the home accumulator
+        def leaf(src: int, block: Sequence[torch.Tensor]) -> torch.Tensor | None:
+            found = masks.block(src)
+            if found is None:
+                return None
+            r, mask = found
+            partial.zero_()
+            block_backward_into(
+                dq[:, r], partial[0], partial[1], dout[:, r], q[:, r], block[0], block[1],
+                out[:, r], lse[:, :, r], scale=spec.scale, mask=mask,
+            )  # fmt: skip
+            return partial
+
+        return leaf
+
+    leaves = [leaf_of(*lane) for lane in lanes]
+    homes = _Ring(comm, spec.schedule, leaves, grad=True).run([lane[-1] for lane in lanes])
+    if any(home is None for home in homes):  # with grad set, run() returns every accumulator
         raise RuntimeError("ring backward produced no dK/dV")
-    return home
+    return homes  # type: ignore[return-value]
 
 
 def _pack(
@@ -313,31 +355,45 @@ Leaf = Callable[[int, Sequence[torch.Tensor]], torch.Tensor | None]
 
 
 class _Ring:
-    """The ring loop, nested once per schedule level.
+    """The ring loop, nested once per schedule level, over one or two *lanes* in lock-step.
 
-    At every step of a level: post the hop that brings the next block (tag 2*depth), visit
-    the held block (the next level's whole ring, or a leaf compute), wait for the hop. With
-    ``grad`` set (backward), each block's dK/dV accumulator follows it one hop behind (tag
-    2*depth+1), sent after its visit and home after ``size`` hops; ``run`` returns it.
-    Double buffering: each (level, channel) receives alternately into two buffers; the one
-    written at step s was last sent at step s-1, whose hop has been waited for. Both pairs
-    are seeded with what a level starts from, so nothing is allocated beside them: the
-    caller's packed block is level 0's second K/V buffer (first received into at step 1),
-    and a level's first accumulator (zeros, step 0) is its second accumulator buffer.
-    Two buffers per channel are what overlap costs: the next block arrives while the held
-    one computes, and the accumulator in flight to the next rank is not the one arriving.
+    Lane 0 walks ``schedule``; lane 1 (bidirectional plans) walks ``schedule.reversed()``.
+    At every step of a level, for every lane: post the hop that brings its next block (tag
+    ``_tag(depth, lane, 0)``); then visit every lane's held block (the next level's whole
+    ring, or a leaf compute); then wait for the hops. With ``grad`` set (backward), each
+    block's dK/dV accumulator follows it one hop behind (channel 1), sent after its visit
+    and home after ``size`` hops; ``run`` returns each lane's.
+    Double buffering: each (lane, level, channel) receives alternately into two buffers;
+    the one written at step s was last sent at step s-1, whose hop has been waited for.
+    Both pairs are seeded with what a level starts from, so nothing is allocated beside
+    them: the caller's packed block is level 0's second K/V buffer (first received into at
+    step 1), and a level's first accumulator (zeros, step 0) is its second accumulator
+    buffer. Two buffers per channel are what overlap costs: the next block arrives while
+    the held one computes, and the accumulator in flight to the next rank is not the one
+    arriving.
     """
 
-    def __init__(self, comm: RingComm, schedule: Schedule, leaf: Leaf, *, grad: bool) -> None:
+    def __init__(
+        self, comm: RingComm, schedule: Schedule, leaves: Sequence[Leaf], *, grad: bool
+    ) -> None:
+        if len(leaves) not in (1, schedule.lanes):
+            raise RuntimeError(f"{len(leaves)} lanes for a schedule of {schedule.lanes}")
         self.comm = comm
-        self.schedule = schedule
-        self.leaf = leaf
+        self.schedules = [schedule, schedule.reversed()][: len(leaves)]
+        self.leaves = list(leaves)
         self.grad = grad
         self._steps: list[int] = []
+        # tag -> its two buffers (a tag names one lane's level and channel: tag % 2 is the
+        # channel, 0 K/V and 1 dK/dV)
         self._buffers: dict[int, list[torch.Tensor | None]] = {}
 
+    @staticmethod
+    def _tag(depth: int, lane: int, channel: int) -> int:
+        """Every (level, lane, channel) its own tag: with 2 ranks both lanes share a peer."""
+        return 4 * depth + 2 * lane + channel
+
     def _buffer(self, tag: int, step: int, block: Any, dtype: torch.dtype) -> torch.Tensor:
-        """Buffer ``step % 2`` of channel ``tag``: shaped like the packed ``block`` (a
+        """Buffer ``step % 2`` of the channel ``tag``: shaped like the packed ``block`` (a
         (2, B, S, h, D) tensor, or a (K, V) pair), in ``dtype``."""
         pair = self._buffers.setdefault(tag, [None, None])
         buffer = pair[step % 2]
@@ -346,41 +402,64 @@ class _Ring:
             buffer = pair[step % 2] = k.new_empty((2, *k.shape), dtype=dtype)
         return buffer
 
-    def run(self, kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        if isinstance(kv, torch.Tensor):
-            self._buffers[0] = [None, kv]
-        return self._level(0, kv)
+    def run(self, kvs: Sequence[Any]) -> list[torch.Tensor | None]:
+        """Every lane's packed block in; every lane's home dK/dV accumulator (grad) out."""
+        for lane, kv in enumerate(kvs):
+            if isinstance(kv, torch.Tensor):
+                self._buffers[self._tag(0, lane, 0)] = [None, kv]
+        return self._level(0, list(kvs))
 
-    def _level(self, depth: int, held: Any) -> torch.Tensor | None:
-        level = self.schedule.levels[depth]
-        acc_hop = None
-        acc: torch.Tensor | None = None
-        kv_tag, acc_tag = 2 * depth, 2 * depth + 1
-        for step in range(level.size):
-            kv_hop = None
-            if step + 1 < level.size:
-                into = self._buffer(kv_tag, step, held, held.dtype)
-                kv_hop = self.comm.hop(held, level.send_to, level.recv_from, kv_tag, into)
+    def _level(self, depth: int, held: list[Any]) -> list[torch.Tensor | None]:
+        held = list(held)  # this level's blocks; the caller keeps its own
+        lanes = range(len(held))
+        levels = [schedule.levels[depth] for schedule in self.schedules]
+        size = levels[0].size
+        acc_hops: list[Any] = [None for _ in lanes]
+        accs: list[torch.Tensor | None] = [None for _ in lanes]
+        for step in range(size):
+            kv_hops: list[Any] = [None for _ in lanes]
+            if step + 1 < size:  # every lane's hop in one post: all receives before any send
+                kv_hops = self.comm.hops([
+                    (held[i], levels[i].send_to, levels[i].recv_from, self._tag(depth, i, 0),
+                     self._buffer(self._tag(depth, i, 0), step, held[i], held[i].dtype),
+                     HOP_DIRECTIONS[i])
+                    for i in lanes
+                ])  # fmt: skip
             self._steps.append(step)
             grads = self._visit(depth, held)
             self._steps.pop()
             if self.grad:
-                acc = acc_hop.wait() if acc_hop is not None else None  # type: ignore[assignment]
-                if acc is None:  # the block's first contribution: zeros in the second buffer
-                    acc = self._buffer(acc_tag, 1, held, acc_dtype(held[0].dtype)).zero_()
-                if grads is not None:
-                    acc.add_(grads)
-                if level.size > 1:
-                    into = self._buffer(acc_tag, step, acc, acc.dtype)
-                    acc_hop = self.comm.hop(acc, level.send_to, level.recv_from, acc_tag, into)
-            if kv_hop is not None:
-                held = kv_hop.wait()
-        return acc_hop.wait() if acc_hop is not None else acc  # type: ignore[return-value]
+                ready: list[torch.Tensor] = []
+                for i in lanes:
+                    acc = acc_hops[i].wait() if acc_hops[i] is not None else None
+                    tag = self._tag(depth, i, 1)
+                    if acc is None:  # the block's first contribution: zeros in the second buffer
+                        acc = self._buffer(tag, 1, held[i], acc_dtype(held[i][0].dtype))
+                        acc.zero_()
+                    grad = grads[i]
+                    if grad is not None:
+                        acc.add_(grad)
+                    ready.append(acc)
+                accs = list(ready)
+                if size > 1:
+                    acc_hops = self.comm.hops([
+                        (acc, levels[i].send_to, levels[i].recv_from, self._tag(depth, i, 1),
+                         self._buffer(self._tag(depth, i, 1), step, acc, acc.dtype),
+                         HOP_DIRECTIONS[i])
+                        for i, acc in enumerate(ready)
+                    ])  # fmt: skip
+            for i in lanes:
+                if kv_hops[i] is not None:
+                    held[i] = kv_hops[i].wait()
+        return [hop.wait() if hop is not None else acc for hop, acc in zip(acc_hops, accs, strict=True)]
 
-    def _visit(self, depth: int, held: Any) -> torch.Tensor | None:
-        if depth + 1 < len(self.schedule.levels):
+    def _visit(self, depth: int, held: list[Any]) -> list[torch.Tensor | None]:
+        if depth + 1 < len(self.schedules[0].levels):
             return self._level(depth + 1, held)
-        return self.leaf(self.schedule.source(self._steps), held)
+        return [
+            leaf(schedule.source(self._steps), block)
+            for leaf, schedule, block in zip(self.leaves, self.schedules, held, strict=True)
+        ]
 
 
 # ---------------------------------------------------------------- input checks
@@ -466,7 +545,14 @@ def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _check_plan(plan: Any, world: int, layout: str) -> None:
+def _check_plan(plan: Any, world: int, layout: str, kv_heads: int) -> None:
+    direction = getattr(plan, "direction", "one_way")
+    if direction == "bidirectional" and world > 1 and kv_heads < 2:
+        raise ValueError(
+            f"k.shape[2] (Hkv)={kv_heads} but plan.direction='bidirectional' splits the K/V "
+            "heads into two lanes walking the ring in opposite directions; allowed: Hkv >= 2, "
+            "or a plan with direction='one_way'"
+        )
     if plan.world_size != world:
         raise ValueError(
             f"plan.world_size={plan.world_size} but the group has {world} ranks; make the "

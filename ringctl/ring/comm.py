@@ -6,29 +6,40 @@ runs while the caller computes; ``Hop.wait()`` returns what was received. Every 
 a hop has its own tag (``tag + i`` for the i-th tensor) and the ring gives each channel and
 chunk its own tags, so gloo never pairs a K/V message with an accumulator one.
 
-Counters record bytes *sent* by this process, classified by the plan's ``link_class``;
-tests compare them with ``RingPlan.predicted_bytes``.
+Counters record bytes *sent* by this process, classified by the plan's ``link_class`` and
+by direction: "next" (a lane walking ring order) or "prev" (a bidirectional plan's second
+lane, walking it backwards); tests compare them with ``RingPlan.predicted_bytes``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ringctl.plan import PHASES
+from ringctl.plan import HOP_DIRECTIONS, PHASES
 from ringctl.topology import LINKS as LINK_CLASSES
 
-_SENT: defaultdict[tuple[str, str], int] = defaultdict(int)
+_SENT: defaultdict[tuple[str, str, str], int] = defaultdict(int)
 
 
-def comm_stats() -> dict[str, dict[str, int]]:
-    """Bytes this process sent since the last reset: ``{phase: {link_class: bytes}}``."""
+def comm_stats(by_direction: bool = False) -> dict[str, dict[str, Any]]:
+    """Bytes this process sent since the last reset: ``{phase: {link_class: bytes}}``, or
+    with ``by_direction`` ``{phase: {link_class: {"next"|"prev": bytes}}}``."""
+    if by_direction:
+        stats: dict[str, dict[str, Any]] = {
+            phase: {link: dict.fromkeys(HOP_DIRECTIONS, 0) for link in LINK_CLASSES}
+            for phase in PHASES
+        }
+        for (phase, link, direction), sent in _SENT.items():
+            stats.setdefault(phase, {}).setdefault(link, {})[direction] = sent
+        return stats
     stats = {phase: dict.fromkeys(LINK_CLASSES, 0) for phase in PHASES}
-    for (phase, link), sent in _SENT.items():
-        stats.setdefault(phase, {})[link] = sent
+    for (phase, link, _direction), sent in _SENT.items():
+        stats.setdefault(phase, {})[link] = stats[phase].get(link, 0) + sent
     return stats
 
 
@@ -82,43 +93,59 @@ class RingComm:
         recv_from: int,
         tag: int,
         into: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        direction: str = "next",
     ) -> Hop:
         """Send ``tensor`` to ``send_to``; receive its successor from ``recv_from`` into
         ``into`` (a buffer like ``tensor``, not in flight; a new one if None). A sequence of
         tensors is sent as one message each (tags ``tag``, ``tag + 1``, ...) and received into
-        a sequence of buffers; ``wait()`` then returns a tuple."""
-        single = isinstance(tensor, torch.Tensor)
-        sends: list[torch.Tensor] = [tensor] if isinstance(tensor, torch.Tensor) else list(tensor)
-        recvs: list[torch.Tensor]
-        if into is None:
-            recvs = [torch.empty_like(t) for t in sends]
-        else:
-            recvs = [into] if isinstance(into, torch.Tensor) else list(into)
-        if len(recvs) != len(sends):
-            raise RuntimeError("a hop receives as many tensors as it sends")
-        ops = []
-        for i, (sent, received) in enumerate(zip(sends, recvs, strict=True)):
-            if not (sent.is_contiguous() and received.is_contiguous()):
-                raise RuntimeError("ring hops need contiguous tensors (gloo refuses others)")
-            if received.shape != sent.shape or received.dtype != sent.dtype:
-                raise RuntimeError(
-                    "a hop receives into a buffer of the sent tensor's shape and dtype"
+        a sequence of buffers; ``wait()`` then returns a tuple. ``direction`` ("next" or
+        "prev": which way the lane walks the ring) only labels the byte counter."""
+        return self.hops([(tensor, send_to, recv_from, tag, into, direction)])[0]
+
+    def hops(self, specs: Sequence[tuple[Any, int, int, int, Any, str]]) -> list[Hop]:
+        """Several hops (``hop``'s arguments each) posted at once: every receive of all of
+        them before any send. Why: a gloo send starts only once the peer's "receive ready"
+        notice arrives, and that notice travels on the same TCP stream as the peer's own
+        data. A send posted first lets a peer queue its notice behind a whole block it is
+        already sending, so the two directions of a pair run one after the other: measured
+        6.1 vs 12.0 MB/s per direction on the 100 Mbit/s fabric (the 2-node outer ring).
+        The two lanes of a bidirectional ring send both ways over every pair, so their
+        receives must all be posted before either lane sends."""
+        recv_ops: list[dist.P2POp] = []
+        send_ops: list[dist.P2POp] = []
+        posted: list[tuple[bool, list[torch.Tensor], int, int]] = []
+        for tensor, send_to, recv_from, tag, into, direction in specs:
+            single = isinstance(tensor, torch.Tensor)
+            sends: list[torch.Tensor] = [tensor] if single else list(tensor)
+            recvs: list[torch.Tensor]
+            if into is None:
+                recvs = [torch.empty_like(t) for t in sends]
+            else:
+                recvs = [into] if isinstance(into, torch.Tensor) else list(into)
+            if len(recvs) != len(sends):
+                raise RuntimeError("a hop receives as many tensors as it sends")
+            first = len(recv_ops)
+            for i, (sent, received) in enumerate(zip(sends, recvs, strict=True)):
+                if not (sent.is_contiguous() and received.is_contiguous()):
+                    raise RuntimeError("ring hops need contiguous tensors (gloo refuses others)")
+                if received.shape != sent.shape or received.dtype != sent.dtype:
+                    raise RuntimeError(
+                        "a hop receives into a buffer of the sent tensor's shape and dtype"
+                    )
+                recv_ops.append(
+                    dist.P2POp(
+                        dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag + i
+                    )
                 )
-            # irecv before isend: a gloo send starts only once the peer's "receive ready"
-            # notice arrives, and that notice travels on the same TCP stream as the peer's
-            # own data. Posting the send first lets a peer queue its notice behind a whole
-            # block it is already sending, so the two directions of a pair (the 2-node outer
-            # ring) run one after the other: measured 6.1 vs 12.0 MB/s per direction on the
-            # 100 Mbit/s fabric.
-            ops.append(
-                dist.P2POp(
-                    dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag + i
+                send_ops.append(
+                    dist.P2POp(dist.isend, sent, group=self.group, group_peer=send_to, tag=tag + i)
                 )
-            )
-            ops.append(
-                dist.P2POp(dist.isend, sent, group=self.group, group_peer=send_to, tag=tag + i)
-            )
-        works = dist.batch_isend_irecv(ops)
-        link = self._link_class(self.rank, send_to)
-        _SENT[(self.phase, link)] += sum(t.numel() * t.element_size() for t in sends)
-        return Hop(works, recvs[0] if single else tuple(recvs))
+            posted.append((single, recvs, first, len(recv_ops)))
+            link = self._link_class(self.rank, send_to)
+            _SENT[(self.phase, link, direction)] += sum(t.numel() * t.element_size() for t in sends)
+        works = dist.batch_isend_irecv(recv_ops + send_ops)  # gloo posts them in this order
+        n = len(recv_ops)
+        return [
+            Hop(works[a:b] + works[n + a : n + b], recvs[0] if single else tuple(recvs))
+            for single, recvs, a, b in posted
+        ]

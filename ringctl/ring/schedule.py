@@ -9,12 +9,16 @@ runs level 0's ring, and at every step of it the whole ring of level 1, and so o
   and inside each outer step the inner ring over the node (peer (n, l+1)).
 
 So the hierarchical schedule is the flat loop nested, not a second copy of it.
+
+A bidirectional plan (``plan.direction``) runs two *lanes* in lock-step: lane 0 on these
+levels, lane 1 on ``Schedule.reversed()``, every level walked the other way (send to the
+previous peer, receive from the next), so each level's two neighbours both carry half.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ringctl.plan import ALGORITHMS
@@ -28,6 +32,12 @@ class Level:
     stride: int
     send_to: int
     recv_from: int
+    #: +1: blocks move to higher digits (the held block comes from digit - step); -1: the
+    #: reverse walk of a bidirectional plan's second lane (from digit + step)
+    sign: int = 1
+
+    def reversed(self) -> Level:
+        return Level(self.size, self.stride, self.recv_from, self.send_to, -self.sign)
 
 
 @dataclass(frozen=True)
@@ -39,13 +49,24 @@ class Schedule:
     world_size: int
     levels: tuple[Level, ...]
     link_class: Callable[[int, int], str]
+    #: "one_way" or "bidirectional" (ringctl.plan.DIRECTIONS): how many lanes the loop runs
+    direction: str = "one_way"
+
+    @property
+    def lanes(self) -> int:
+        """Lanes the ring loop runs: 2 for a bidirectional plan on more than one rank."""
+        return 2 if self.direction == "bidirectional" and self.world_size > 1 else 1
+
+    def reversed(self) -> Schedule:
+        """The same levels walked the other way (a bidirectional plan's second lane)."""
+        return replace(self, levels=tuple(level.reversed() for level in self.levels))
 
     def source(self, steps: Sequence[int]) -> int:
         """Ring position whose K/V this rank holds after ``steps[i]`` hops on level i."""
         src = 0
         for level, step in zip(self.levels, steps, strict=True):
             digit = (self.position // level.stride) % level.size
-            src += ((digit - step) % level.size) * level.stride
+            src += ((digit - level.sign * step) % level.size) * level.stride
         return src
 
 
@@ -84,4 +105,5 @@ def make_schedule(plan: Any, rank: int) -> Schedule:
                 recv_from=order[base + (digit - 1) % size * stride],
             )
         )
-    return Schedule(rank, position, world, tuple(levels), plan.link_class)
+    direction = getattr(plan, "direction", "one_way")
+    return Schedule(rank, position, world, tuple(levels), plan.link_class, direction)

@@ -1,0 +1,195 @@
+"""Bidirectional vs one-way pass-KV ring attention, fwd+bwd, on emulated fabrics, side by side.
+
+    sudo .venv/bin/python bench/bidirectional.py                    # 3 and 4 nodes, 100mbit
+    sudo .venv/bin/python bench/bidirectional.py --nodes 3 --seq-local 1024 --rounds 3
+
+For each node count, a `links=switch` and a `links=mesh` dev cluster (slurm/dev-cluster,
+one rank per node, every hop crosses the fabric) are brought up together. On each, one srun
+job (one task per node, gloo over eth0) runs ring_attention forward+backward in float32
+with the plan one-way and bidirectional in alternation, round after round, and reports the
+slowest rank's seconds per call. The job also measures the block compute rate (a ring of
+one on the same shard size) and, with it and the fabric's tbf rate, asks the planner for
+its prediction of each direction and for its `direction=auto` choice. Bytes sent per phase,
+link class and direction are checked against the plan's prediction in every call.
+
+Goal (issue 13): bidirectional / one-way <= 0.6 where link-bound on the mesh (~1.0 on a
+switch: a one-way ring already keeps every NIC busy both ways), predictions within +-25%,
+auto the measured fastest or within 10% of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+LINKS = ("switch", "mesh")
+DIRECTIONS = ("one_way", "bidirectional")
+HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
+INTER_LATENCY_US = 704.0  # emulated3node.yaml: bench/calibrate.py, a 4-byte hop
+
+
+def _topology(nodes: int, links: str, rate_GBps: float, tflops: float) -> Any:
+    from ringctl.topology import LinkClass, Topology
+
+    return Topology(
+        (1,) * nodes, inter=LinkClass("inter", rate_GBps, INTER_LATENCY_US, links),
+        compute_tflops=tflops, name=f"emulated{nodes}node-{links}",
+    )  # fmt: skip
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One srun task: time one-way and bidirectional calls in alternation; rank 0 prints JSON."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0")
+    import torch
+    import torch.distributed as dist
+
+    from ringctl.plan import Workload, estimate, make_plan
+    from ringctl.ring import comm_stats, reset_comm_stats, ring_attention
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    dist.init_process_group("gloo", init_method=f"file://{args.dir}/rendezvous", rank=rank, world_size=world)
+    s = args.seq_local
+    gen = torch.Generator().manual_seed(rank)
+    q = torch.randn(1, s, HEADS, HEAD_DIM, generator=gen)
+    k, v, dout = (torch.randn(1, s, n, HEAD_DIM, generator=gen) for n in (KV_HEADS, KV_HEADS, HEADS))
+    workload = Workload(batch=1, seq_len=s * world, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                        dtype="float32", causal=False)  # fmt: skip
+
+    def call(plan: object | None) -> float:
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        dist.barrier()
+        t0 = time.perf_counter()
+        if plan is None:  # a ring of one: this rank's block compute alone (no group)
+            out = _local_attention(*leaves)
+        else:
+            out = ring_attention(*leaves, layout="contiguous", plan=plan)
+        torch.autograd.grad(out, leaves, dout)
+        took = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        return float(took)
+
+    def _local_attention(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+        from ringctl.ring.attention import _RingAttention, _RingSpec, make_schedule
+        from ringctl.ring.mask import MaskSpec
+
+        one = make_plan(_topology(1, "switch", 1.0, 1.0), layout="contiguous", algorithm="flat")
+        spec = _RingSpec(None, make_schedule(one, 0), "contiguous", MaskSpec(None, False, (-1, -1)), HEAD_DIM**-0.5)
+        return _RingAttention.apply(q_, k_, v_, spec)
+
+    call(None)  # warm-up
+    compute_s = statistics.median(call(None) for _ in range(2))
+    # fwd + bwd FLOPs of one block: 4 S^2 H D forward, 2.5 x that backward (plan.BACKWARD_FLOP_RATIO)
+    tflops = 3.5 * 4 * s * s * HEADS * HEAD_DIM / compute_s / 1e12
+    topo = _topology(world, args.links, args.rate_GBps, tflops)
+    plans = {d: make_plan(topo, layout="contiguous", direction=d) for d in DIRECTIONS}
+    call(plans["one_way"])  # warm-up: connections
+    call(plans["bidirectional"])
+    times: dict[str, list[float]] = {d: [] for d in DIRECTIONS}
+    bytes_ok = True
+    for r in range(args.rounds):
+        order = DIRECTIONS if r % 2 == 0 else DIRECTIONS[::-1]  # interleaved, alternating first
+        for d in order:
+            reset_comm_stats()
+            times[d].append(call(plans[d]))
+            measured = comm_stats(by_direction=True)
+            for phase in ("forward", "backward"):
+                predicted = plans[d].predicted_bytes(1, s * world, KV_HEADS, HEAD_DIM, 4, phase, by_direction=True)
+                want = {link: {h: per[rank] for h, per in by.items()} for link, by in predicted.items()}
+                bytes_ok &= measured[phase] == want
+    ok = torch.tensor([int(bytes_ok)])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    auto = make_plan(topo, layout="contiguous", direction="auto", workload=workload)
+    if rank == 0:
+        print(json.dumps({
+            "times": times, "compute_s": compute_s, "tflops": tflops, "bytes_match_plan": bool(ok),
+            "predicted": {d: estimate(p, workload).total_s for d, p in plans.items()},
+            "auto": auto.direction,
+        }), flush=True)  # fmt: skip
+    dist.destroy_process_group()
+
+
+def run_job(cluster: object, nodes: int, links: str, args: argparse.Namespace) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="ringctl-bidir-") as folder:
+        out = cluster.run(  # type: ignore[attr-defined]
+            "srun", f"-N{nodes}", "--ntasks-per-node=1", "--export=ALL,OMP_NUM_THREADS=1",
+            sys.executable, str(Path(__file__).resolve()), "--worker", "--dir", folder, "--links", links,
+            "--seq-local", str(args.seq_local), "--rounds", str(args.rounds), "--rate-GBps", str(args.rate_GBps),
+            timeout=900, check=False,
+        )  # fmt: skip
+    # rank 0 prints before the group is torn down; a task's gloo teardown may still abort
+    # (seen once: "terminate called without an active exception"), which loses no figure
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if len(lines) != 1:
+        raise RuntimeError(f"bidirectional worker gave no result (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+    return json.loads(lines[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[3, 4], help="node counts (default 3 4)")
+    parser.add_argument("--inter", default="100mbit", help="tbf rate of every link, each way (default 100mbit)")
+    parser.add_argument("--seq-local", type=int, default=1024, help="tokens per rank (default 1024: link-bound)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per job, directions alternating (default 3)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--links", choices=LINKS, help=argparse.SUPPRESS)
+    parser.add_argument("--rate-GBps", type=float, default=0.0125, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if not args.inter.endswith("mbit"):
+        raise SystemExit(f"bidirectional: --inter {args.inter}: allowed <N>mbit")
+    args.rate_GBps = float(args.inter[:-4]) * 1e6 / 8 / 1e9
+    if any(not 2 <= n <= 16 for n in args.nodes) or args.rounds < 1 or args.seq_local < 2:
+        raise SystemExit("bidirectional: --nodes 2..16 each, --rounds >= 1, --seq-local >= 2")
+    if os.geteuid() != 0:
+        raise SystemExit("bidirectional: the dev cluster needs root")
+    from slurm_cluster import start, stop
+
+    print(f"uptime load before: {os.getloadavg()[0]:.2f}; tbf {args.inter} each way per link; "
+          f"{args.seq_local} tokens/rank, {HEADS}/{KV_HEADS} heads x {HEAD_DIM}, float32, fwd+bwd; "
+          "seconds = slowest rank, median over rounds")  # fmt: skip
+    print(f"{'nodes':>5s} {'links':>7s} {'one-way s':>9s} {'bidir s':>8s} {'bi/one':>6s} "
+          f"{'pred one':>8s} {'pred bi':>8s} {'err one':>7s} {'err bi':>7s} {'auto':>13s} {'fastest':>13s} bytes")  # fmt: skip
+    for nodes in args.nodes:
+        clusters: dict[str, object] = {}
+        results: dict[str, dict[str, object]] = {}
+        try:
+            for links in LINKS:
+                clusters[links] = start(
+                    Path(f"/tmp/ringctl-bidir-{links}-{os.getpid()}"), nodes=nodes, cpus=1,
+                    prefix=f"d{links[0]}{os.getpid() % 10000}n", fabric=f"inter={args.inter},links={links}",
+                )  # fmt: skip
+            for links in LINKS:
+                results[links] = run_job(clusters[links], nodes, links, args)
+        finally:
+            for cluster in clusters.values():
+                stop(cluster)  # type: ignore[arg-type]
+        for links in LINKS:
+            res = results[links]
+            med = {d: statistics.median(res["times"][d]) for d in DIRECTIONS}  # type: ignore[index]
+            pred = res["predicted"]
+            err = {d: pred[d] / med[d] - 1 for d in DIRECTIONS}  # type: ignore[index]
+            fastest = min(DIRECTIONS, key=lambda d: med[d])
+            print(f"{nodes:5d} {links:>7s} {med['one_way']:9.2f} {med['bidirectional']:8.2f} "
+                  f"{med['bidirectional'] / med['one_way']:6.2f} {pred['one_way']:8.2f} {pred['bidirectional']:8.2f} "  # type: ignore[index]
+                  f"{err['one_way']:+7.0%} {err['bidirectional']:+7.0%} {res['auto']:>13s} {fastest:>13s} "
+                  f"{'=plan' if res['bytes_match_plan'] else 'MISMATCH'}  (block compute {res['compute_s']:.2f} s)")  # fmt: skip
+    print(f"uptime load after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
