@@ -26,20 +26,14 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fabric_probe import nic_address  # the probes run from tests/, beside it
+
 CHUNK = 1 << 20
-
-
-def nic_address(ifname: str) -> str:
-    out = subprocess.run(
-        ["ip", "-o", "-4", "addr", "show", "dev", ifname], check=True, capture_output=True, text=True
-    ).stdout.split()
-    return out[out.index("inet") + 1].split("/")[0]
 
 
 def read_exactly(sock: socket.socket, nbytes: int) -> bytes:

@@ -67,8 +67,15 @@ def _ring_step(
     model.zero_grad()
     labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)  # shifted on the full sequence
     logits = model(input_ids=shard(ids), position_ids=positions, **call).logits
-    n_tokens = int((labels != -100).sum())
-    loss = F.cross_entropy(logits.reshape(-1, VOCAB), shard(labels).reshape(-1), ignore_index=-100, reduction="sum") / n_tokens
+    return _summed_over_ranks(model, logits, shard(labels), int((labels != -100).sum()), gather)
+
+
+def _summed_over_ranks(
+    model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, n_tokens: int, gather: Any
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's summed cross-entropy over all ranks' token count, backward; the loss and
+    every parameter gradient summed over the ranks, the logits gathered."""
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum") / n_tokens
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -132,16 +139,7 @@ def _packed_ring(
     restart = torch.cat([torch.arange(n) for n in DOCS])[None]
     labels = _packed_labels(ids)
     logits = model(input_ids=shard(ids), position_ids=shard(restart)).logits
-    loss = F.cross_entropy(logits.reshape(-1, VOCAB), shard(labels).reshape(-1), ignore_index=-100, reduction="sum")
-    loss = loss / int((labels != -100).sum())
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    grads = {}
-    for name, param in model.named_parameters():
-        dist.all_reduce(_grad(param))
-        grads[name] = _grad(param).clone()
-    return total, gather(logits.detach()), grads
+    return _summed_over_ranks(model, logits, shard(labels), int((labels != -100).sum()), gather)
 
 
 def _worker(rank: int, world: int) -> dict[str, Any]:
