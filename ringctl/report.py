@@ -217,8 +217,28 @@ def print_report(
     direction = direction_table(plan, workload)
     if direction is not None:
         console.print(direction)
+    if workload.documents is not None:
+        console.print(documents_line(plan, workload))
     if memory is not None:
         console.print(memory_line(memory))
+
+
+def documents_line(plan: RingPlan, workload: Workload) -> str:
+    """Packed documents: how many, the per-rank work imbalance (max / mean visible query-key
+    pairs) under this plan's layout and the others, and the `docs` layout's padding."""
+    from ringctl.plan import document_work
+
+    work = document_work(plan, workload)
+    others = ", ".join(f"{name} {value:.3f}" for name, value in work["imbalance_by_layout"].items() if name != plan.layout)
+    visible = sum(work["visible_pairs_per_rank"])
+    line = (
+        f"documents {work['spec']} (seed {work['seed']}): {work['count']} documents, {work['tokens']:,} tokens; "
+        f"{visible:,} visible query-key pairs; per-rank work max/mean {work['imbalance']:.3f} under {plan.layout}"
+        + (f" ({others})" if others else "")
+    )
+    if plan.layout == "docs":
+        line += f"; docs padding {work['layout_padding_tokens']} tokens ({work['layout_padding_fraction']:.2%})"
+    return line
 
 
 # ---- picture --------------------------------------------------------------------------

@@ -123,3 +123,18 @@ def test_table_writes_default_png(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ringplan-2node.png"]
     assert (tmp_path / "ringplan-2node.png").read_bytes().startswith(PNG_MAGIC)
     assert "ringplan-2node.png" in out.stdout
+
+
+def test_table_shows_packed_documents(tmp_path: Path) -> None:
+    """With workload.documents the report says how many documents, the per-rank work
+    imbalance under this layout and the others, and the docs layout's padding: the same
+    figures as the JSON's `documents`."""
+    args = ["+topology=2node", "workload.layout=docs", "workload.documents=[300,1,2000,700]", "workload.seq_len=4000"]
+    out = ringctl(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    work = json.loads(ringctl(*args, "--json", cwd=tmp_path).stdout)["documents"]
+    text = " ".join(out.stdout.split())
+    assert "4 documents, 3,001 tokens" in text, text
+    assert f"per-rank work max/mean {work['imbalance']:.3f} under docs" in text, text
+    assert f"zigzag {work['imbalance_by_layout']['zigzag']:.3f}" in text, text
+    assert f"docs padding {work['layout_padding_tokens']} tokens" in text, text
