@@ -36,8 +36,10 @@ def test_write_config_sets_the_measured_fields_only(name: str, tmp_path: Path) -
     calibrate.write_config(path, RESULT)
     after = yaml.safe_load(path.read_text())
     assert after["compute_tflops"] == pytest.approx(0.0123)
-    assert after["intra"] == {"bandwidth_GBps": pytest.approx(0.987), "latency_us": 321}
-    assert after["inter"] == {"bandwidth_GBps": before["inter"]["bandwidth_GBps"], "latency_us": 654}
+    # measured: intra bandwidth and latency, inter latency (the inter rate is the fabric's tbf);
+    # the link kind (`links`) is declared, not measured
+    assert after["intra"] == {**before["intra"], "bandwidth_GBps": pytest.approx(0.987), "latency_us": 321}
+    assert after["inter"] == {**before["inter"], "latency_us": 654}
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {"compute_tflops", "intra", "inter"}
     lines = path.read_text().splitlines()

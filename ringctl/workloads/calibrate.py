@@ -517,9 +517,14 @@ def topology_fields(
         "intra": {
             "bandwidth_GBps": intra["bandwidth_GBps"] if intra else topo.intra.bandwidth_GBps,
             "latency_us": intra["latency_us"] if intra else topo.intra.latency_us,
+            "links": topo.intra.links,
         },
-        "inter": {"bandwidth_GBps": inter_bw, "latency_us": inter["latency_us"] if inter else topo.inter.latency_us},
+        "inter": {
+            "bandwidth_GBps": inter_bw, "latency_us": inter["latency_us"] if inter else topo.inter.latency_us,
+            "links": topo.inter.links,
+        },
         "ring": str(cfg.topology.get("ring", "auto")),
+        "direction": str(cfg.topology.get("direction", "auto")),
         "order": str(cfg.topology.get("order", "node")),
         "distribution": str(cfg.topology.get("distribution", "block")),
         "virtual_node_size": cfg.topology.get("virtual_node_size"),
@@ -555,6 +560,7 @@ def render_yaml(fields: dict[str, Any], shape: Shape, compute: dict[str, Any], l
             f"rate ratio all lanes / one lane {nics['measured']})"
         ),
         "ring": "flat | hierarchical | auto (the cost model picks)",
+        "direction": "one_way | bidirectional | auto (the cost model picks; one_way on a switch)",
         "order": "node: topology-aware ring order | rank: the rank-order baseline ring",
         "distribution": "block | cyclic: how SLURM placed the ranks on the nodes",
         "virtual_node_size": "ranks per virtual node (null: real nodes)",
@@ -575,6 +581,7 @@ def render_yaml(fields: dict[str, Any], shape: Shape, compute: dict[str, Any], l
         "intra": {
             "bandwidth_GBps": f"per flow, inner-ring hops of all nodes at once ({mb(intra)})" if intra else "not measured (one rank per node): the config's",
             "latency_us": "4-byte hop, all at once" if intra else "not measured: the config's",
+            "links": "switch | mesh: declared by the config (how ranks connect), not measured",
         },
         "inter": {
             "bandwidth_GBps": (
@@ -582,6 +589,7 @@ def render_yaml(fields: dict[str, Any], shape: Shape, compute: dict[str, Any], l
                 f"got {mb(inter)} each over {nics['count']} NIC(s)" + (f"; one flow alone {mb(one)}" if one else "")
             ) if inter else "not measured (one node): the config's",
             "latency_us": "4-byte outer-ring hop, all lanes at once" if inter else "not measured: the config's",
+            "links": "switch | mesh: declared by the config (NICs into a switch, or a link per node pair), not measured",
         },
     }
     lines = [f"# {line}" if line else "#" for line in header]
