@@ -12,7 +12,11 @@ with three changes, the local counterparts of what SLURM does for a ringctl job:
   the grace), restarts nothing, and the controller exits;
 - each restart (the tasks exit with submitit's requeue code after a warning signal) is
   numbered for the tasks (RINGCTL_ATTEMPT), and how every task of the last attempt ended
-  is written to `<job id>_exits.json` in the job folder, for the diagnosis of a failure.
+  is written to `<job id>_exits.json` in the job folder, for the diagnosis of a failure;
+- each attempt's rendezvous port (MASTER_PORT) is one the kernel reports free at that
+  moment, unless the user set MASTER_PORT: submitit otherwise draws it from the job id in
+  20000-60000, which overlaps the ephemeral range, so a port held by any connection on the
+  machine (another job's gloo, for one) failed rank 0's TCPStore with EADDRINUSE.
 
 It runs in a session of its own (ringctl.launch starts it so), so `ringctl cancel` signals
 the whole process group, and a terminal's Ctrl-C on `ringctl launch` does not reach it.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -43,12 +48,20 @@ GRACE_ENV = "RINGCTL_TASK_EXIT_GRACE_S"
 MAX_RESTARTS = 16
 
 
+def free_port() -> int:
+    """A TCP port no socket on this machine holds now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
 class RingctlController(Controller):
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
         self.folder = JobPaths(self.folder, self.pid).folder  # <base>/%j -> this job's folder
         self.grace_s = float(os.environ.get(GRACE_ENV, TASK_EXIT_GRACE_S))
         self.attempt = 0
+        self.user_port = os.environ.get("MASTER_PORT")  # the user's choice wins
         self.stop_since: float | None = None  # when SIGTERM/SIGINT reached the controller
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -61,6 +74,8 @@ class RingctlController(Controller):
 
     def start_tasks(self) -> None:
         os.environ["RINGCTL_ATTEMPT"] = str(self.attempt)
+        if self.user_port is None:
+            os.environ["MASTER_PORT"] = str(free_port())
         super().start_tasks()
 
     def wait(self, freq: int = 24) -> list[int | None]:
