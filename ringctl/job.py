@@ -186,7 +186,12 @@ def _init_distributed(cfg: Any) -> tuple[Any, Any]:
     import torch
     import torch.distributed as dist
 
-    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    from ringctl.local_controller import PORT_ENV
+
+    dist_env = submitit.helpers.TorchDistributedEnvironment()
+    if os.environ.get(PORT_ENV):  # a local attempt: the port its controller found free
+        dist_env.master_port = int(os.environ[PORT_ENV])
+    env = dist_env.export(set_cuda_visible_devices=False)
     use_cuda = torch.cuda.is_available() and int(cfg.resources.gpus_per_node) > 0
     if use_cuda:
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())

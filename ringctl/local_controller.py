@@ -13,10 +13,11 @@ with three changes, the local counterparts of what SLURM does for a ringctl job:
 - each restart (the tasks exit with submitit's requeue code after a warning signal) is
   numbered for the tasks (RINGCTL_ATTEMPT), and how every task of the last attempt ended
   is written to `<job id>_exits.json` in the job folder, for the diagnosis of a failure;
-- each attempt's rendezvous port (MASTER_PORT) is one the kernel reports free at that
-  moment, unless the user set MASTER_PORT: submitit otherwise draws it from the job id in
-  20000-60000, which overlaps the ephemeral range, so a port held by any connection on the
-  machine (another job's gloo, for one) failed rank 0's TCPStore with EADDRINUSE.
+- each attempt's rendezvous port is one the kernel reports free at that moment
+  (RINGCTL_MASTER_PORT, which ringctl.job hands to submitit's MASTER_PORT): submitit
+  otherwise draws it from the job id in 20000-60000, which overlaps the ephemeral range, so
+  a port held by any connection on the machine (another job's gloo, for one) failed rank
+  0's TCPStore with EADDRINUSE.
 
 It runs in a session of its own (ringctl.launch starts it so), so `ringctl cancel` signals
 the whole process group, and a terminal's Ctrl-C on `ringctl launch` does not reach it.
@@ -40,6 +41,9 @@ from submitit.local.local import (
     LocalJobEnvironment,
 )
 
+#: the rendezvous port of a local attempt, for ringctl.job (submitit's export refuses a
+#: MASTER_PORT that is already set)
+PORT_ENV = "RINGCTL_MASTER_PORT"
 #: seconds the other tasks get once the first task of the job has exited
 TASK_EXIT_GRACE_S = 15.0
 GRACE_ENV = "RINGCTL_TASK_EXIT_GRACE_S"
@@ -61,7 +65,6 @@ class RingctlController(Controller):
         self.folder = JobPaths(self.folder, self.pid).folder  # <base>/%j -> this job's folder
         self.grace_s = float(os.environ.get(GRACE_ENV, TASK_EXIT_GRACE_S))
         self.attempt = 0
-        self.user_port = os.environ.get("MASTER_PORT")  # the user's choice wins
         self.stop_since: float | None = None  # when SIGTERM/SIGINT reached the controller
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -74,8 +77,7 @@ class RingctlController(Controller):
 
     def start_tasks(self) -> None:
         os.environ["RINGCTL_ATTEMPT"] = str(self.attempt)
-        if self.user_port is None:
-            os.environ["MASTER_PORT"] = str(free_port())
+        os.environ[PORT_ENV] = str(free_port())
         super().start_tasks()
 
     def wait(self, freq: int = 24) -> list[int | None]:
