@@ -18,7 +18,9 @@ end, and the job must resume from the last periodic one.
 The second node never comes back by itself: like an operator after a repair, the test
 restarts its slurmd and RESUMEs it (also in a `finally`, so the session's cluster is left
 whole), and lets the requeued job start at once (StartTime=now; SLURM otherwise holds a
-requeued job back for about two minutes). The cluster has no third node, so the job resumes
+requeued job back for about two minutes), once SLURM has ended the lost allocation and every
+node is idle (a node back while that end is still processed can be sent its termination, which
+would hit the retry's tasks: same job id). The cluster has no third node, so the job resumes
 on the same two; re-planning onto other nodes is test_resume's time-limit test.
 
 Checked: the waiting `ringctl launch` follows the job through NODE_FAIL and PENDING to
@@ -143,7 +145,16 @@ def test_lost_node_requeues_and_resumes_from_checkpoint(cli: Cli, slurm_cluster:
         assert launch.poll() is None, (tmp_path / "launch.out").read_text()
         status = cli("status", job_id)
         assert f"job {job_id} (slurm): queued" in status.stdout, status.stdout  # pending again, not failed
+        # like an operator, bring the node back once SLURM has finished ending the lost
+        # allocation: a slurmd that registers while the old run's end is still being
+        # processed can be sent that run's termination, which then hits the retry's tasks
+        # (same job id) on it
+        ctld_log = slurm_cluster.state_dir / "log" / "slurmctld.log"
+        wait_for(lambda: f"Requeuing JobId={job_id}" in ctld_log.read_text(errors="replace"), 120,
+                 "SLURM done ending the lost allocation")
         _restore_node(slurm_cluster, node)
+        wait_for(lambda: set(cli.slurm("sinfo", "-h", "-o", "%T", check=False).split()) == {"idle"}, 60,
+                 "every node idle")
         cli.slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         assert launch.wait(timeout=300) == 0, (tmp_path / "launch.out").read_text()
     finally:
