@@ -165,6 +165,28 @@ class CustomConfig(WorkloadConfig):
 
 
 @dataclass
+class InferConfig(WorkloadConfig):
+    """A multi-turn inference session on the train workload's model: a prompt prefilled
+    across the ring into a sharded KV cache, turns of new tokens, greedy decode after each
+    (ringctl.workloads.infer). seq_len is the model's context: prompt + turns + decoded
+    tokens must fit in it."""
+
+    prompt: int = MISSING
+    # new tokens of each later turn, in order
+    turns: list[int] = MISSING
+    # greedy tokens generated after the prompt and after each turn
+    decode: int = MISSING
+    # pass_kv | pass_q | auto (ringctl.infer_plan: the cost model's faster one, per turn)
+    mode: str = MISSING
+    vocab: int = MISSING
+    layers: int = MISSING
+    # a train job's checkpoint file (step_*.pt) to take the weights from; null: the seed's
+    checkpoint: str | None = MISSING
+    # generate again in one process (SDPA, no cache) and compare the tokens
+    check: bool = MISSING
+
+
+@dataclass
 class CalibrateConfig(WorkloadConfig):
     """`ringctl calibrate`: compute rate and links measured on the job's nodes, for the
     workload shape above; written as a topology YAML."""
@@ -209,6 +231,7 @@ cs.store(group="workload", name="_attention", node=AttentionConfig)
 cs.store(group="workload", name="_train", node=TrainConfig)
 cs.store(group="workload", name="_custom", node=CustomConfig)
 cs.store(group="workload", name="_calibrate", node=CalibrateConfig)
+cs.store(group="workload", name="_infer", node=InferConfig)
 
 #: allowed values of the string-valued keys the planner does not own, checked by
 #: ringctl.launch.validate (layouts and dtypes: ringctl.plan.LAYOUTS, DTYPE_BYTES)

@@ -571,6 +571,18 @@ def summarise(results: dict[str, Any], path: Path, console: Any) -> None:
         check = results["check"]
         verdict = "[green]passed[/]" if check["passed"] else "[red]FAILED[/]"
         table.add_row("exactness (float64 vs SDPA)", f"max error {check['max_error']:.2e} <= {check['tol']:.0e}: {verdict}")
+    if "tokens_match_reference" in results:
+        match = results["tokens_match_reference"]
+        verdict = "[green]identical[/]" if match else "[red]DIFFERENT[/]"
+        table.add_row(
+            "generated tokens vs one process",
+            f"{verdict} (max logit difference {results['reference']['max_logit_error']:.1e})",
+        )
+    if "prefill_tokens_per_s" in results:
+        table.add_row("prefill", f"{results['prefill_tokens_per_s']:,.0f} tokens/s")
+    if "strategies" in results:
+        counts = {m: results["strategies"].count(m) for m in dict.fromkeys(results["strategies"])}
+        table.add_row("strategy per turn", ", ".join(f"{m} x{n}" for m, n in counts.items()))
     if "losses" in results:
         losses = results["losses"]
         table.add_row("loss", f"{losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")

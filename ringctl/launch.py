@@ -479,6 +479,8 @@ def _check_workload(work: Any) -> None:
         tol = work.get("check_tol", 1e-9)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
             raise ConfigError("workload.check_tol", tol, "a finite number > 0")
+    if work.name == "infer":
+        _check_infer(work)
     if work.name == "train":
         check_positive_int("workload.steps", work.steps)
         check_positive_int("workload.vocab", work.vocab)
@@ -487,6 +489,44 @@ def _check_workload(work: Any) -> None:
         lr = work.get("lr")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ConfigError("workload.lr", lr, "a finite number > 0")
+
+
+def _check_infer(work: Any) -> None:
+    """The inference session's settings (ringctl.workloads.infer): its turns, the strategy,
+    a cache layout, a context that holds the whole session, a checkpoint that exists."""
+    from ringctl.infer_plan import check_mode
+    from ringctl.placement import CACHE_LAYOUTS
+
+    check_positive_int("workload.prompt", work.prompt)
+    check_positive_int("workload.decode", work.decode)
+    check_positive_int("workload.vocab", work.vocab)
+    check_positive_int("workload.layers", work.layers)
+    turns = list(work.turns)
+    for i, count in enumerate(turns):
+        check_positive_int(f"workload.turns[{i}]", count)
+    check_mode(work.mode, "workload.mode")
+    if work.layout not in CACHE_LAYOUTS:
+        raise ConfigError("workload.layout", work.layout, f"{' | '.join(CACHE_LAYOUTS)} (how the KV cache places each turn)")
+    if not work.causal:
+        raise ConfigError("workload.causal", work.causal, "true (a language model's cache is causal)")
+    total = work.prompt + sum(turns) + work.decode * (1 + len(turns)) - 1
+    if total > work.seq_len:
+        raise ConfigError(
+            "workload.seq_len", work.seq_len,
+            f">= {total}: the session puts prompt {work.prompt} + turns {turns} + {work.decode} generated "
+            "tokens after each (but the last) in the context",
+        )  # fmt: skip
+    if work.get("checkpoint"):
+        if not Path(str(work.checkpoint)).is_file():
+            raise ConfigError("workload.checkpoint", str(work.checkpoint), "a train job's checkpoint file (runs/.../checkpoints/step_*.pt), or null")
+        import torch
+
+        from ringctl.workloads.infer import build_model
+
+        try:  # what every rank will load: refuse a checkpoint of another shape before submitting
+            build_model(work, torch.device("cpu"))
+        except ValueError as err:
+            raise ConfigError("workload.checkpoint", str(work.checkpoint), "a checkpoint of this model's shape", str(err)) from err
 
 
 def secret_values(environ: Any = None) -> dict[str, str]:

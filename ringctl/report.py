@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ringctl.infer_plan import INFER_MODES, InferWorkload, estimate_infer, infer_summary, sweep
 from ringctl.memory import MemoryCheck, check_plan_memory
 from ringctl.plan import HOP_DIRECTIONS, PHASES, RingPlan, Workload, alternatives, estimate, overlap_seq_len
 from ringctl.topology import Topology
@@ -191,11 +192,66 @@ def _verdict(ok: bool) -> str:
     return "[green]transfer hidden[/]" if ok else "[red]transfer-bound[/]"
 
 
+def inference_table(plan: RingPlan, inference: InferWorkload) -> Any:
+    """A rich Table: one inference call (T new tokens over P cached) by pass-KV and by
+    pass-Q side by side (the block that travels, bytes per link class per step and in all,
+    compute, predicted time), the one `auto` picks marked."""
+    from rich.table import Table
+
+    w = inference
+    costs = estimate_infer(plan, w)
+    pick = min(INFER_MODES, key=lambda m: costs[m].predicted_s)
+    table = Table(
+        title=f"Inference: T={w.new_tokens:,} new tokens over P={w.cached_tokens:,} cached (T/(T+P)={w.fraction:.3g}), "
+        f"batch {w.batch}, {w.layout} cache, one lane",
+        title_justify="left",
+    )
+    table.add_column("")
+    for mode in INFER_MODES:
+        table.add_column(f"[bold]{mode} <- auto[/]" if mode == pick else mode)
+
+    def row(label: str, cell: Any) -> None:
+        table.add_row(label, *(cell(costs[m]) for m in INFER_MODES))
+
+    row("block that travels (rows)", lambda c: f"{human_bytes(c.moving_bytes - c.home_bytes)} ({c.block_rows} rows)"
+        + (f" + {human_bytes(c.home_bytes)} out/lse" if c.home_bytes else ""))
+    for link in ("intra", "inter"):
+        color = COLORS[link]
+        row(f"[{color}]bytes / step, {link}[/]", lambda c, link=link: human_bytes(c.bytes_per_step[link]))
+        row(f"[{color}]bytes in all, {link}[/]", lambda c, link=link: human_bytes(c.bytes_total[link]))
+        row(f"[{color}]transfer / hop, {link}[/]", lambda c, link=link: human_time(c.transfer_s[link]))
+    row("compute (busiest rank per step)", lambda c: human_time(c.compute_s))
+    fastest = min(c.predicted_s for c in costs.values())
+    row("predicted time", lambda c: human_time(c.predicted_s) + (" [green](fastest)[/]" if c.predicted_s == fastest else ""))
+    return table
+
+
+def crossover_line(plan: RingPlan, inference: InferWorkload) -> str:
+    """Where pass-Q and pass-KV cost the same at this T + P, which wins below it, and what
+    `auto` picks at the workload's point."""
+    info = infer_summary(plan, inference)
+    total, cross, below = inference.context, info["crossover"], info["faster_below_crossover"]
+    here = f"auto picks {info['choice']} at T/(T+P)={inference.fraction:.3g}"
+    if cross is None:
+        return f"inference crossover: none at T+P={total:,} ({info['crossover_note']}); {here}"
+    above = next(m for m in INFER_MODES if m != below)
+    return (
+        f"inference crossover: T/(T+P) = {cross:.3g} at T+P={total:,} (T ~ {cross * total:,.0f}): "
+        f"{below} faster below, {above} above; {here}"
+    )
+
+
 def print_report(
-    plan: RingPlan, workload: Workload, topology: Topology, console: Any = None, memory: MemoryCheck | None = None
+    plan: RingPlan,
+    workload: Workload,
+    topology: Topology,
+    console: Any = None,
+    memory: MemoryCheck | None = None,
+    inference: InferWorkload | None = None,
 ) -> None:
     """The header (topology and workload), the plan table and, with `memory`, the predicted
-    peak memory per rank against the topology's, on a rich console."""
+    peak memory per rank against the topology's, on a rich console; with `inference`, one
+    inference call priced by pass-KV and pass-Q and the crossover T/(T+P)."""
     from rich.console import Console
 
     console = console or Console()
@@ -221,6 +277,9 @@ def print_report(
         console.print(documents_line(plan, workload))
     if memory is not None:
         console.print(memory_line(memory))
+    if inference is not None:
+        console.print(inference_table(plan, inference))
+        console.print(crossover_line(plan, inference))
 
 
 def documents_line(plan: RingPlan, workload: Workload) -> str:
@@ -295,11 +354,18 @@ def _draw_lanes(ax: Any, lanes: dict[tuple[int, int], int], centres: list[tuple[
                 bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
 
 
-def plan_png(plan: RingPlan, path: str | Path, workload: Workload | None = None, memory: MemoryCheck | None = None) -> Path:
+def plan_png(
+    plan: RingPlan,
+    path: str | Path,
+    workload: Workload | None = None,
+    memory: MemoryCheck | None = None,
+    inference: InferWorkload | None = None,
+) -> Path:
     """Draw the ring on the nodes and save a PNG at `path`: ranks as dots inside node
     circles, each intra-node send as an arrow, cross-node traffic as labelled lanes. With a
     `workload` the title adds the predicted step time and the overlap verdict; with `memory`,
-    the predicted peak memory per rank against the topology's."""
+    the predicted peak memory per rank against the topology's; with `inference`, a panel
+    below: both modes' predicted time against T/(T+P) at its T+P (`inference_panel`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -308,9 +374,11 @@ def plan_png(plan: RingPlan, path: str | Path, workload: Workload | None = None,
     path = Path(path)
     shown_nodes = min(plan.nodes, MAX_NODES)
     where, centres = _layout(plan, shown_nodes)
-    fig = Figure(figsize=(8, 8.6), dpi=110)
+    panel = 3.4 if inference is not None else 0.0  # inches added below the ring for the panel
+    height = 8.6 + panel
+    fig = Figure(figsize=(8, height), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.03, 0.03, 0.94, 0.84))
+    ax = fig.add_axes((0.03, (0.26 + panel) / height, 0.94, 7.22 / height))
     ax.set_aspect("equal")
     ax.axis("off")
     for n, (cx, cy, r) in enumerate(centres):
@@ -380,5 +448,36 @@ def plan_png(plan: RingPlan, path: str | Path, workload: Workload | None = None,
         notes.append("red lanes: cross-node traffic, one arrow per node pair, labelled with its parallel flows")
     if notes:
         ax.text(-lim, -lim, "; ".join(notes), fontsize=8, va="bottom", color="#444444")
+    if inference is not None:
+        inference_panel(fig.add_axes((0.11, 0.55 / height, 0.84, 2.45 / height)), plan, inference)
     fig.savefig(path, format="png")
     return path
+
+
+def inference_panel(ax: Any, plan: RingPlan, inference: InferWorkload) -> None:
+    """Both modes' predicted time of one call against T/(T+P) at the workload's T + P (log
+    x), the crossover as a dashed line and the workload's own point marked."""
+    curve = sweep(plan, inference)
+    info = infer_summary(plan, inference)
+    here = info["modes"]
+    top = max(max(kv, q) for _, kv, q in curve)
+    unit, scale = next(((u, f) for u, f in (("s", 1.0), ("ms", 1e-3)) if top >= f), ("us", 1e-6))
+    xs = [x for x, _, _ in curve]
+    ax.plot(xs, [kv / scale for _, kv, _ in curve], color="#9467bd", lw=1.8, label="pass_kv")
+    ax.plot(xs, [q / scale for _, _, q in curve], color="#2ca02c", lw=1.8, label="pass_q")
+    for mode, color in (("pass_kv", "#9467bd"), ("pass_q", "#2ca02c")):
+        ax.scatter([inference.fraction], [here[mode]["predicted_s"] / scale], s=40, color=color, edgecolors="black", zorder=3)
+    ax.annotate(
+        f"this workload: auto -> {info['choice']}", xy=(inference.fraction, here[info["choice"]]["predicted_s"] / scale),
+        xytext=(8, 10), textcoords="offset points", fontsize=8,
+    )  # fmt: skip
+    if info["crossover"] is not None:
+        ax.axvline(info["crossover"], color="#555555", ls="--", lw=1)
+        ax.text(info["crossover"], 0.95, f" crossover {info['crossover']:.3g}", transform=ax.get_xaxis_transform(),
+                fontsize=8, va="top", color="#555555")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"T / (T + P) at T + P = {inference.context:,} tokens", fontsize=8)
+    ax.set_ylabel(f"predicted time / call ({unit})", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"inference: pass-KV vs pass-Q, batch {inference.batch}, heads {inference.heads}/{inference.kv_heads} kv", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)

@@ -13,6 +13,9 @@ value and what is allowed, and exits 2. The table form also writes the ring's pi
 The predicted peak memory per rank (ringctl.memory) is shown against
 topology.memory_per_rank_GB with the longest seq_len that fits (JSON: "memory"); a plan
 that does not fit is marked (and `ringctl launch` refuses it).
+With `workload=infer` the plan also prices one inference call (the first turn after the
+prompt: T = workload.turns[0] new tokens over P = workload.prompt cached ones) by pass-KV
+and by pass-Q, shows which `auto` picks and the crossover T/(T+P) (JSON: "inference").
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 from ringctl.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ringctl.infer_plan import InferWorkload
     from ringctl.memory import MemoryCheck
     from ringctl.plan import RingPlan, Workload
     from ringctl.topology import Topology
@@ -73,6 +77,16 @@ def build_with_memory(
     """`build` and the plan's predicted peak memory per rank against the topology's
     memory_per_rank_GB (ringctl.memory), priced for the topology's ranks: the Triton kernels
     where it has GPUs (gpus_per_node > 0), else the torch block path on one thread."""
+    topology, plan, workload, memory, _ = build_all(overrides, config_dir)
+    return topology, plan, workload, memory
+
+
+def build_all(
+    overrides: list[str], config_dir: str | None = None
+) -> tuple[Topology, RingPlan, Workload, MemoryCheck, InferWorkload | None]:
+    """`build_with_memory` and, for the infer workload (workload.name == "infer"), the
+    inference call the plan prices both ways (ringctl.infer_plan.InferWorkload.from_config:
+    the first turn after the prompt); None for training workloads."""
     from ringctl.config import compose
     from ringctl.memory import check_plan_memory
     from ringctl.plan import plan_from_config
@@ -84,7 +98,13 @@ def build_with_memory(
     gpus = cfg.topology.get("gpus_per_node") or 0
     impl = "triton" if isinstance(gpus, int) and gpus > 0 else "torch"
     memory = check_plan_memory(plan, workload, topology.memory_per_rank_bytes, block_impl=impl)
-    return topology, plan, workload, memory
+    inference = None
+    if cfg.workload.get("name") == "infer":
+        from ringctl.infer_plan import InferWorkload, check_mode
+
+        check_mode(cfg.workload.get("mode"))
+        inference = InferWorkload.from_config(cfg.workload)
+    return topology, plan, workload, memory, inference
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -94,9 +114,13 @@ def main(command: str, argv: list[str]) -> int:
         return 0
     try:
         overrides, as_json, png, config_dir = _parse(argv)
-        topology, plan, workload, memory = build_with_memory(overrides, config_dir)
+        topology, plan, workload, memory, inference = build_all(overrides, config_dir)
         data = plan.to_dict(workload)
         data["memory"] = memory.to_dict()
+        if inference is not None:
+            from ringctl.infer_plan import infer_summary
+
+            data["inference"] = infer_summary(plan, inference)
     except ValueError as exc:  # ConfigError and the planner's own checks: bad input
         print(f"ringctl {command}: {exc}", file=sys.stderr)
         return 2
@@ -109,14 +133,14 @@ def main(command: str, argv: list[str]) -> int:
     else:
         from ringctl.report import print_report
 
-        print_report(plan, workload, topology, memory=memory)
+        print_report(plan, workload, topology, memory=memory, inference=inference)
         # the table always comes with its picture; --json stays side-effect free
         png = png or f"ringplan-{topology.name}.png"
     if png:
         from ringctl.report import plan_png
 
         try:
-            written = plan_png(plan, png, workload=workload, memory=memory)
+            written = plan_png(plan, png, workload=workload, memory=memory, inference=inference)
         except OSError as exc:
             print(f"ringctl {command}: --png={png!r} cannot be written: {exc.strerror or exc}", file=sys.stderr)
             return 2

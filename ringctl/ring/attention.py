@@ -249,7 +249,7 @@ def _forward_pass(
         return leaf
 
     leaves = [leaf_of(out, lse, q) for out, lse, q, _ in lanes]
-    _Ring(comm, spec.schedule, leaves, grad=False).run([kv for *_, kv in lanes])
+    _Ring(comm, spec.schedule, leaves).run([kv for *_, kv in lanes])
 
 
 def _ring_backward(
@@ -327,8 +327,8 @@ def _backward_pass(
         return leaf
 
     leaves = [leaf_of(*lane) for lane in lanes]
-    homes = _Ring(comm, spec.schedule, leaves, grad=True).run([lane[-1] for lane in lanes])
-    if any(home is None for home in homes):  # with grad set, run() returns every accumulator
+    homes = _Ring(comm, spec.schedule, leaves, accumulator=GRADS).run([lane[-1] for lane in lanes])
+    if any(home is None for home in homes):  # with an accumulator, run() returns every one
         raise RuntimeError("ring backward produced no dK/dV")
     return homes  # type: ignore[return-value]
 
@@ -349,9 +349,32 @@ def _pack(
     return packed
 
 
-# A leaf visit computes one block: (source position, its K/V as (K, V)) -> in backward the
-# block's (2, ...) dK/dV, or None when it contributes nothing.
-Leaf = Callable[[int, Sequence[torch.Tensor]], torch.Tensor | None]
+# A leaf visit computes one block: (source position, the held block) -> its contribution to
+# the block's accumulator (backward: the (2, ...) dK/dV), or None when it contributes nothing.
+Leaf = Callable[[int, Any], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """What follows each travelling block one hop behind, gaining one contribution per rank
+    (``_Ring``'s channel 1): backward's dK/dV sums (``GRADS``), or pass-Q's partial
+    (out, lse) merged by log-sum-exp (ringctl.ring.inference)."""
+
+    #: a buffer for the accumulator of a held block
+    new: Callable[[Any], torch.Tensor]
+    #: the value a block's first contribution folds into (zeros; out 0 and lse -inf)
+    reset: Callable[[torch.Tensor], Any]
+    #: fold one contribution into the accumulator, in place
+    fold: Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def _grad_buffer(block: Any) -> torch.Tensor:
+    k = block[0]
+    return k.new_empty((2, *k.shape), dtype=acc_dtype(k.dtype))
+
+
+#: backward's dK/dV: summed, in the accumulation dtype
+GRADS = Accumulator(_grad_buffer, torch.Tensor.zero_, torch.Tensor.add_)
 
 
 class _Ring:
@@ -360,9 +383,11 @@ class _Ring:
     Lane 0 walks ``schedule``; lane 1 (bidirectional plans) walks ``schedule.reversed()``.
     At every step of a level, for every lane: post the hop that brings its next block (tag
     ``_tag(depth, lane, 0)``); then visit every lane's held block (the next level's whole
-    ring, or a leaf compute); then wait for the hops. With ``grad`` set (backward), each
-    block's dK/dV accumulator follows it one hop behind (channel 1), sent after its visit
-    and home after ``size`` hops; ``run`` returns each lane's.
+    ring, or a leaf compute); then wait for the hops. With an ``accumulator`` (backward's
+    dK/dV, pass-Q's partial out/lse), each block's accumulator follows it one hop behind
+    (channel 1), sent after its visit and home after ``size`` hops; ``run`` returns each
+    lane's. The travelling block is any contiguous tensor (packed K/V, or pass-Q's
+    queries); leaves know what it holds.
     Double buffering: each (lane, level, channel) receives alternately into two buffers;
     the one written at step s was last sent at step s-1, whose hop has been waited for.
     Both pairs are seeded with what a level starts from, so nothing is allocated beside
@@ -374,14 +399,19 @@ class _Ring:
     """
 
     def __init__(
-        self, comm: RingComm, schedule: Schedule, leaves: Sequence[Leaf], *, grad: bool
+        self,
+        comm: RingComm,
+        schedule: Schedule,
+        leaves: Sequence[Leaf],
+        *,
+        accumulator: Accumulator | None = None,
     ) -> None:
         if len(leaves) not in (1, schedule.lanes):
             raise RuntimeError(f"{len(leaves)} lanes for a schedule of {schedule.lanes}")
         self.comm = comm
         self.schedules = [schedule, schedule.reversed()][: len(leaves)]
         self.leaves = list(leaves)
-        self.grad = grad
+        self.acc = accumulator
         self._steps: list[int] = []
         # tag -> its two buffers (a tag names one lane's level and channel: tag % 2 is the
         # channel, 0 K/V and 1 dK/dV)
@@ -392,14 +422,18 @@ class _Ring:
         """Every (level, lane, channel) its own tag: with 2 ranks both lanes share a peer."""
         return 4 * depth + 2 * lane + channel
 
-    def _buffer(self, tag: int, step: int, block: Any, dtype: torch.dtype) -> torch.Tensor:
-        """Buffer ``step % 2`` of the channel ``tag``: shaped like the packed ``block`` (a
-        (2, B, S, h, D) tensor, or a (K, V) pair), in ``dtype``."""
+    def _buffer(self, tag: int, step: int, block: Any) -> torch.Tensor:
+        """Buffer ``step % 2`` of the channel ``tag``: for K/V (channel 0) one like the
+        travelling ``block``, for channel 1 the accumulator's buffer for it."""
         pair = self._buffers.setdefault(tag, [None, None])
         buffer = pair[step % 2]
         if buffer is None:
-            k = block[0]
-            buffer = pair[step % 2] = k.new_empty((2, *k.shape), dtype=dtype)
+            if tag % 2 == 0:
+                buffer = torch.empty_like(block)
+            else:
+                assert self.acc is not None
+                buffer = self.acc.new(block)
+            pair[step % 2] = buffer
         return buffer
 
     def run(self, kvs: Sequence[Any]) -> list[torch.Tensor | None]:
@@ -421,30 +455,30 @@ class _Ring:
             if step + 1 < size:  # every lane's hop in one post: all receives before any send
                 kv_hops = self.comm.hops([
                     (held[i], levels[i].send_to, levels[i].recv_from, self._tag(depth, i, 0),
-                     self._buffer(self._tag(depth, i, 0), step, held[i], held[i].dtype),
+                     self._buffer(self._tag(depth, i, 0), step, held[i]),
                      HOP_DIRECTIONS[i])
                     for i in lanes
                 ])  # fmt: skip
             self._steps.append(step)
             grads = self._visit(depth, held)
             self._steps.pop()
-            if self.grad:
+            if self.acc is not None:
                 ready: list[torch.Tensor] = []
                 for i in lanes:
                     acc = acc_hops[i].wait() if acc_hops[i] is not None else None
                     tag = self._tag(depth, i, 1)
-                    if acc is None:  # the block's first contribution: zeros in the second buffer
-                        acc = self._buffer(tag, 1, held[i], acc_dtype(held[i][0].dtype))
-                        acc.zero_()
+                    if acc is None:  # the block's first contribution: reset, in the second buffer
+                        acc = self._buffer(tag, 1, held[i])
+                        self.acc.reset(acc)
                     grad = grads[i]
                     if grad is not None:
-                        acc.add_(grad)
+                        self.acc.fold(acc, grad)
                     ready.append(acc)
                 accs = list(ready)
                 if size > 1:
                     acc_hops = self.comm.hops([
                         (acc, levels[i].send_to, levels[i].recv_from, self._tag(depth, i, 1),
-                         self._buffer(self._tag(depth, i, 1), step, acc, acc.dtype),
+                         self._buffer(self._tag(depth, i, 1), step, held[i]),
                          HOP_DIRECTIONS[i])
                         for i, acc in enumerate(ready)
                     ])  # fmt: skip

@@ -1,7 +1,8 @@
 """Workloads: what a ringctl job runs on every rank, `fn(cfg, ctx) -> dict`.
 
 `attention` times ring_attention and checks it; `train` trains a small LM whose attention
-is ring_attention; `custom` calls the user's `pkg.module:fn`; `calibrate` measures compute
+is ring_attention; `infer` runs a multi-turn session with a KV cache sharded over the
+ring (pass-KV or pass-Q per turn); `custom` calls the user's `pkg.module:fn`; `calibrate` measures compute
 and links for the cost model (`ringctl calibrate`). The returned dict (rank 0's) is merged
 into results.json.
 """
@@ -18,6 +19,7 @@ WORKLOADS = {
     "train": "ringctl.workloads.train",
     "custom": "ringctl.workloads.custom",
     "calibrate": "ringctl.workloads.calibrate",
+    "infer": "ringctl.workloads.infer",
 }
 
 

@@ -105,7 +105,7 @@ class Block(nn.Module):
         self.kv = nn.Linear(dim, 2 * kv_heads * head_dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.attention = attention
+        self.attention: Attention = attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -113,7 +113,7 @@ class Block(nn.Module):
         q = self.q(h).view(b, s, self.heads, self.head_dim)
         k, v = self.kv(h).view(b, s, 2, self.kv_heads, self.head_dim).unbind(2)
         attn = self.attention(q.contiguous(), k.contiguous(), v.contiguous())
-        x = x + self.out(attn.reshape(b, s, -1))
+        x = x + self.out(attn.reshape(b, s, self.heads * self.head_dim))  # s may be 0 (inference)
         return x + self.mlp(self.norm2(x))
 
 
