@@ -66,7 +66,8 @@ class TopologyConfig:
     intra: LinkConfig = field(default_factory=LinkConfig)
     inter: LinkConfig = field(default_factory=LinkConfig)
     ring: str = MISSING
-    # one_way | bidirectional (K/V heads split, half each way round the ring) | auto
+    # one_way | bidirectional (K/V heads split, half each way round the ring) | tokenring
+    # (queries travel, partial results go straight back to their owners) | auto
     direction: str = MISSING
     order: str = MISSING
     distribution: str = MISSING

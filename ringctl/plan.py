@@ -41,27 +41,31 @@ ORDERS = ("node", "rank")
 LAYOUTS = ("contiguous", "zigzag", "striped", "docs")
 #: the two passes of one attention call; byte counters and predictions are kept per phase
 PHASES = ("forward", "backward")
-#: how K/V travel (topology.direction): every head one way round the ring, or the heads split
-#: in two lanes walking it in opposite directions in lock-step (both directions of each link)
-DIRECTIONS = ("one_way", "bidirectional")
-#: what topology.direction may say: a direction, or `auto` (the cost model's faster one)
+#: what travels the ring and which way (topology.direction): every K/V head one way round it;
+#: the K/V heads split in two lanes walking it in opposite directions in lock-step (both
+#: directions of each link); or TokenRing (arXiv 2412.20501): the queries travel one way while
+#: every partial result goes straight back to the rank owning those queries
+DIRECTIONS = ("one_way", "bidirectional", "tokenring")
+#: what topology.direction may say: a direction, or `auto` (the cost model's fastest)
 DIRECTION_CHOICES = ("auto", *DIRECTIONS)
 #: which way a hop goes, as byte counters label it: lane 0 to the next ring position, lane 1
-#: (bidirectional only) to the previous one
+#: (bidirectional) to the previous one; TokenRing: its queries "next", its partials on their
+#: way back to their owners "prev"
 HOP_DIRECTIONS = ("next", "prev")
 
 
 def lane_kv_heads(kv_heads: int, direction: str) -> tuple[int, ...]:
-    """K/V heads each lane carries: all of them one way; bidirectional, the first
-    ceil(Hkv/2) heads forward and the rest backward (ValueError for one K/V head)."""
+    """K/V heads each lane carries: all of them one way (and TokenRing's one lane, where
+    the K/V stay home); bidirectional, the first ceil(Hkv/2) heads forward and the rest
+    backward (ValueError for one K/V head)."""
     if direction not in DIRECTIONS:
         raise ConfigError("topology.direction", direction, " | ".join(DIRECTIONS))
-    if direction == "one_way":
+    if direction != "bidirectional":
         return (kv_heads,)
     if kv_heads < 2:
         raise ValueError(
             f"kv_heads={kv_heads} cannot be split over two directions; direction="
-            "'bidirectional' needs kv_heads >= 2 (use topology.direction=one_way or auto)"
+            "'bidirectional' needs kv_heads >= 2 (use topology.direction=one_way, tokenring or auto)"
         )
     return (kv_heads - kv_heads // 2, kv_heads // 2)
 #: dtype names (workload.dtype) and their element size
@@ -170,6 +174,17 @@ def _kv_bytes(batch: int, block_tokens: int, kv_heads: int, head_dim: int, nbyte
     return 2 * batch * block_tokens * kv_heads * head_dim * nbytes
 
 
+def _tokenring_bytes(batch: int, block_tokens: int, heads: int, head_dim: int, nbytes: int, phase: str) -> tuple[int, int]:
+    """TokenRing's two messages of one shard: (the block that travels, one partial result).
+    Forward: Q, and out with its lse ((D+1) columns in the accumulation dtype). Backward:
+    q, dout, out and lse (accumulation dtype), and a dq partial (accumulation dtype)."""
+    acc = _acc_bytes(nbytes)
+    rows = batch * block_tokens * heads
+    if phase == "backward":
+        return 3 * rows * head_dim * nbytes + rows * acc, rows * head_dim * acc
+    return rows * head_dim * nbytes, rows * (head_dim + 1) * acc
+
+
 @dataclass(frozen=True)
 class RingPlan:
     """Ring order and placement; the runtime executes it, the report draws it.
@@ -189,7 +204,7 @@ class RingPlan:
     topology: Topology | None = field(default=None, repr=False, compare=False)
     #: what was asked for: the algorithm itself, or "auto" when the cost model chose it
     requested: str = field(default="", compare=False)
-    #: one_way | bidirectional (DIRECTIONS): how K/V travel the ring
+    #: one_way | bidirectional | tokenring (DIRECTIONS): what travels the ring, which way
     direction: str = "one_way"
     #: what topology.direction asked for: the direction itself, or "auto"
     direction_requested: str = field(default="", compare=False)
@@ -242,7 +257,7 @@ class RingPlan:
         """Every send of one revolution's schedule as (src_rank, dst_rank, link_class, ring):
         ring is "flat", or "inner"/"outer" for the hierarchical double ring. O(W).
         `reverse`: the sends of a bidirectional plan's second lane (every ring walked the
-        other way)."""
+        other way). TokenRing's queries take these hops; its partials go straight home."""
         world, order = self.world_size, self.ring_order
         if world == 1:
             return []
@@ -299,16 +314,22 @@ class RingPlan:
         dtype_bytes: int,
         phase: str,
         by_direction: bool = False,
+        *,
+        heads: int | None = None,
     ) -> dict[str, Any]:
         """Bytes each global rank SENDS per link class in one `phase` (the schedules of
         docs/internals.md, byte for byte): ``{link: [per rank]}``, or with `by_direction`
-        ``{link: {"next"|"prev": [per rank]}}`` (HOP_DIRECTIONS: which way each lane went)."""
+        ``{link: {"next"|"prev": [per rank]}}`` (HOP_DIRECTIONS: which way each lane went).
+        `heads` (query heads) is needed by TokenRing only, whose queries travel."""
         if phase not in PHASES:
             raise ValueError(f"phase={phase!r} is invalid; allowed: {' | '.join(PHASES)}")
         block = self.check_seq_len(seq_len)
         backward = phase == "backward"
         world = self.world_size
         out = {link: {d: [0] * world for d in HOP_DIRECTIONS} for link in LINKS}
+        if self.direction == "tokenring" and world > 1:
+            self._tokenring_sends(out, _tokenring_bytes(batch, block, _need_heads(heads), head_dim, dtype_bytes, phase))
+            return out if by_direction else {link: [sum(col) for col in zip(*out[link].values(), strict=True)] for link in LINKS}
         lanes = lane_kv_heads(kv_heads, self.direction) if world > 1 else ()
         for lane, heads in enumerate(lanes):
             d = HOP_DIRECTIONS[lane]
@@ -330,15 +351,27 @@ class RingPlan:
             return out
         return {link: [sum(col) for col in zip(*out[link].values(), strict=True)] for link in LINKS}
 
-    def bytes_per_step(self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> dict[str, int]:
+    def bytes_per_step(
+        self, batch: int, seq_len: int, kv_heads: int, head_dim: int, dtype_bytes: int, *, heads: int | None = None
+    ) -> dict[str, int]:
         """Forward bytes sent by all ranks together per ring step (one KV block computed per
-        rank), per link class. Hierarchical: an outer step's bytes / L (it spans L steps)."""
+        rank), per link class. Hierarchical: an outer step's bytes / L (it spans L steps).
+        TokenRing (needs `heads`): its Q blocks' hops counted so, plus one partial per rank
+        per step, split over the classes as all partials are (their mean over the W-1
+        steps that send, rounded)."""
         block = self.check_seq_len(seq_len)
         counts = {link: 0 for link in LINKS}
         if self.world_size == 1:
             return counts
-        for lane, heads in enumerate(lane_kv_heads(kv_heads, self.direction)):
-            kv = _kv_bytes(batch, block, heads, head_dim, dtype_bytes)
+        moving = 0
+        if self.direction == "tokenring":
+            moving, part = _tokenring_bytes(batch, block, _need_heads(heads), head_dim, dtype_bytes, "forward")
+            partials = {link: {d: [0] * self.world_size for d in HOP_DIRECTIONS} for link in LINKS}
+            self._tokenring_sends(partials, (0, part))
+            for link in LINKS:
+                counts[link] += round(sum(partials[link]["prev"]) / (self.world_size - 1))
+        for lane, lane_heads in enumerate(lane_kv_heads(kv_heads, self.direction)):
+            kv = moving or _kv_bytes(batch, block, lane_heads, head_dim, dtype_bytes)
             if self.algorithm == "hierarchical":
                 N, L = self.nodes, self.inner_size
                 counts["intra"] += N * (L - 1) * kv
@@ -347,6 +380,28 @@ class RingPlan:
             for _src, _dst, link, _ring in self.edges(reverse=lane == 1):
                 counts[link] += kv
         return counts
+
+    def _tokenring_sends(self, out: dict[str, dict[str, list[int]]], sizes: tuple[int, int]) -> None:
+        """Add TokenRing's sends to `out` ({link: {direction: [per rank]}}), sizes = (the
+        travelling block, one partial): the block hops as one-way pass-KV's K/V ("next");
+        each rank sends one partial to every other rank, the owner of queries it held
+        ("prev"; its own block's partial stays home). W > 1."""
+        moving, part = sizes
+        world = self.world_size
+        if self.algorithm == "flat":
+            for p in range(world):
+                src, dst = self.ring_order[p], self.ring_order[(p + 1) % world]
+                out[self.link_class(src, dst)]["next"][src] += (world - 1) * moving
+        else:
+            N, L = self.nodes, self.inner_size
+            for r in range(world):
+                out["inter"]["next"][r] += (N - 1) * moving
+                out["intra"]["next"][r] += N * (L - 1) * moving
+        on_node = _counts(self.rank_to_node, self.nodes)
+        for r in range(world):
+            peers = on_node[self.rank_to_node[r]] - 1
+            out["intra"]["prev"][r] += peers * part
+            out["inter"]["prev"][r] += (world - 1 - peers) * part
 
     # ---- output -----------------------------------------------------------------------
     def to_dict(self, workload: Workload | None = None) -> dict[str, Any]:
@@ -371,16 +426,7 @@ class RingPlan:
         }
         if workload is not None:
             out.update(estimate(self, workload).to_dict())
-            w = workload
-            out["bytes_by_direction"] = {
-                phase: {
-                    link: {d: sum(per_rank) for d, per_rank in by_dir.items()}
-                    for link, by_dir in self.predicted_bytes(
-                        w.batch, w.seq_len, w.kv_heads, w.head_dim, w.dtype_bytes, phase, by_direction=True
-                    ).items()
-                }
-                for phase in PHASES
-            }
+            out["bytes_by_direction"] = bytes_by_direction(self, workload)
             out["baseline"] = estimate(baseline_plan(self), workload).to_dict()
             out["alternatives"] = {
                 name: {
@@ -388,11 +434,32 @@ class RingPlan:
                     "direction": alt.direction,
                     **{k: v for k, v in estimate(alt, workload).to_dict().items() if k.startswith("predicted_") or k == "overlap_ok"},
                     "overlap_from_seq_len": overlap_seq_len(alt, workload),
+                    "bytes_by_direction": bytes_by_direction(alt, workload),
                 }
                 for name, alt in alternatives(self, workload).items()
             }
             out["overlap_from_seq_len"] = overlap_seq_len(self, workload)
         return out
+
+
+def bytes_by_direction(plan: RingPlan, workload: Workload) -> dict[str, dict[str, dict[str, int]]]:
+    """{phase: {link: {"next"|"prev": bytes all ranks send}}}: the plan's predicted_bytes summed."""
+    w = workload
+    return {
+        phase: {
+            link: {d: sum(per_rank) for d, per_rank in by_dir.items()}
+            for link, by_dir in plan.predicted_bytes(
+                w.batch, w.seq_len, w.kv_heads, w.head_dim, w.dtype_bytes, phase, by_direction=True, heads=w.heads
+            ).items()
+        }
+        for phase in PHASES
+    }
+
+
+def _need_heads(heads: int | None) -> int:
+    if heads is None:
+        raise ValueError("heads=None: direction='tokenring' moves the queries, so its bytes need heads (workload.heads)")
+    return heads
 
 
 def _ring_crossings(order: Any, rank_to_node: tuple[int, ...]) -> int:
@@ -424,7 +491,8 @@ def make_plan(
     the baseline can run as a real job (`topology.order=rank`). algorithm="auto": the
     algorithm the cost model predicts fastest for `workload` (the default Workload when
     none is given), among those the topology allows. direction: one_way | bidirectional |
-    auto (DIRECTION_CHOICES; auto: the faster for `workload`, one_way on a tie)."""
+    tokenring | auto (DIRECTION_CHOICES; auto: the fastest for `workload`, ties going to
+    the first in DIRECTIONS order)."""
     if direction not in DIRECTION_CHOICES:
         raise ConfigError("topology.direction", direction, " | ".join(DIRECTION_CHOICES))
     if algorithm not in RING_CHOICES:
@@ -437,7 +505,7 @@ def make_plan(
     if direction == "bidirectional" and workload is not None and workload.kv_heads < 2:
         raise ConfigError(
             "topology.direction", direction,
-            f"one_way | auto with workload.kv_heads={workload.kv_heads} (bidirectional splits "
+            f"one_way | tokenring | auto with workload.kv_heads={workload.kv_heads} (bidirectional splits "
             "the K/V heads into two lanes, one per direction: it needs kv_heads >= 2)",
         )  # fmt: skip
     directions = _feasible_directions(priced) if direction == "auto" else (direction,)
@@ -454,7 +522,7 @@ def make_plan(
 
 def _feasible_directions(workload: Workload) -> tuple[str, ...]:
     """Directions `auto` weighs: bidirectional needs two K/V heads to split."""
-    return DIRECTIONS if workload.kv_heads >= 2 else ("one_way",)
+    return tuple(d for d in DIRECTIONS if d != "bidirectional" or workload.kv_heads >= 2)
 
 
 def _feasible(topology: Topology, order: str) -> tuple[str, ...]:
@@ -491,14 +559,14 @@ def _build(topology: Topology, layout: str, algorithm: str, order: str) -> RingP
 
 def alternatives(plan: RingPlan, workload: Workload) -> dict[str, RingPlan]:
     """The plans `ringctl plan` shows side by side on the plan's topology and layout: every
-    feasible algorithm in node order, one-way and (two K/V heads or more, several ranks)
-    bidirectional ("flat bidirectional", ...), and the rank-order ring (the topology-blind
-    baseline)."""
+    feasible algorithm in node order, one-way and, with several ranks, bidirectional (two
+    K/V heads or more) and TokenRing ("flat bidirectional", "flat tokenring", ...), and the
+    rank-order ring (the topology-blind baseline)."""
     topo = _topology_of(plan)
     out = {}
     for d in _feasible_directions(workload) if plan.world_size > 1 else ("one_way",):
         for a in _feasible(topo, "node"):
-            name = a if d == "one_way" else f"{a} bidirectional"
+            name = a if d == "one_way" else f"{a} {d}"
             out[name] = replace(_build(topo, plan.layout, a, "node"), direction=d)
     out["rank-order"] = baseline_plan(plan)
     return out
@@ -701,10 +769,15 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
     dkv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, acc)
     per_token = {"forward": kv / s, "backward": (kv + dkv) / s}
     totals = {
-        phase: {link: sum(b) for link, b in plan.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, db, phase).items()}
+        phase: {
+            link: sum(b)
+            for link, b in plan.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, db, phase, heads=w.heads).items()
+        }
         for phase in PHASES
     }
-    per_step = plan.bytes_per_step(w.batch, w.seq_len, w.kv_heads, w.head_dim, db)
+    per_step = plan.bytes_per_step(w.batch, w.seq_len, w.kv_heads, w.head_dim, db, heads=w.heads)
+    if plan.direction == "tokenring" and W > 1:
+        return _tokenring_estimate(plan, topo, w, s, pair, docs, per_step, totals)
     fractions = plan.lane_fractions(w.kv_heads)
     if plan.algorithm == "flat":
         paths, flows = _flat_paths(plan, topo, fractions)
@@ -767,6 +840,161 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
         bytes_per_step=per_step, bytes_total=totals, min_block_tokens=need, inter_flows_per_nic=flows,
         documents=docs,
     )
+
+
+def _flow_loads(plan: RingPlan, topo: Topology, flows: list[tuple[int, int, int]]) -> tuple[dict[str, float], float]:
+    """Flows (src rank, dst rank, bytes) sent at once: per link class, the bytes on the
+    busiest resource under any of them (each then takes latency + that / bandwidth), and
+    the most inter flows leaving or entering one NIC. The resources of _link_factors:
+    switch, a rank's port per class both ways and (inter) its node's NICs; mesh, the pair's
+    link (ranks intra, nodes inter) in the flow's direction."""
+    node = plan.rank_to_node
+    load: dict[tuple[str, str, int, int], float] = {}
+    count: dict[tuple[str, int], int] = {}
+    tagged = []
+    for src, dst, nbytes in flows:
+        link = plan.link_class(src, dst)
+        a, b = (node[src], node[dst]) if link == "inter" else (src, dst)
+        keys = [(link, "pair", a, b)] if topo.link(link).links == "mesh" else [(link, "out", src, 0), (link, "in", dst, 0)]
+        if link == "inter":
+            for side, n in (("nic_out", node[src]), ("nic_in", node[dst])):
+                count[(side, n)] = count.get((side, n), 0) + 1
+                if topo.inter.links == "switch":
+                    keys.append(("inter", side, n, 0))
+        for key in keys:
+            load[key] = load.get(key, 0.0) + nbytes
+        tagged.append((link, keys))
+    worst = {link: 0.0 for link in LINKS}
+    for link, keys in tagged:
+        for key in keys:
+            share = topo.nics_per_node if key[1].startswith("nic") else 1
+            worst[link] = max(worst[link], load[key] / share)
+    return worst, max(count.values(), default=0) / topo.nics_per_node
+
+
+def _load_time(topo: Topology, loads: dict[str, float]) -> float:
+    """The slowest link class's transfer: latency + busiest bytes / bandwidth."""
+    return max((_path(topo.link(link)).time(b) for link, b in loads.items()), default=0.0)
+
+
+def _tokenring_estimate(
+    plan: RingPlan, topo: Topology, w: Workload, s: int, pair: dict[str, float], docs: dict[str, Any] | None,
+    per_step: dict[str, int], totals: dict[str, dict[str, int]],
+) -> Cost:
+    """TokenRing's cost, the runtime's schedule step by step (W > 1): at ring step g every
+    rank computes the queries it holds against its own K/V while those queries hop on (as
+    one-way pass-KV's K/V; no hop after the last step) and the partial of step g-1 goes
+    straight to its owner (step 0's queries are the rank's own: no partial travels); after
+    the last step, its partials home. A step lasts max(compute, its slowest transfer), each
+    transfer priced on its busiest resource (_flow_loads): on a switch a rank's port (and
+    NIC) carries its Q hop and its partial together, on a mesh each goes over its own pair's
+    link. Backward: the same with (q, dout, out, lse) travelling and dq partials.
+
+    Hierarchical (an approximation): the inner ring's steps as above, with the partials
+    bound for this node (those of outer step 0's blocks); the outer step's inter traffic,
+    its Q hop and the partials of blocks from other nodes sent during it, summed over the
+    outer step (one latency) and hidden behind its inner ring, as pass-KV's outer hop is.
+    Packed documents: each step's compute is its busiest rank's visible pairs between the
+    visiting queries and its own keys (document_work's matrix, read the other way round).
+
+    Equal nodes in node-contiguous order look alike (a shift by one node maps every flow of
+    a step onto another): then only the flows touching node 0 are priced, O(W L) a phase;
+    otherwise all of them, O(W^2)."""
+    W, N, L = plan.world_size, plan.nodes, plan.inner_size
+    order = plan.ring_order
+    hierarchical = plan.algorithm == "hierarchical"
+    mine = _node_zero_positions(plan)
+    near = {order[p] for p in mine}
+    hops = {
+        ring: [(a, b) for a, b, _link, r in plan.edges() if r == ring and (a in near or b in near)]
+        for ring in ("flat", "inner", "outer")
+    }
+    if docs is not None:
+        from ringctl.documents import ring_sources
+
+        matrix = _pairs_matrix(plan.layout, w.seq_len, W, w.cu_seqlens(), w.causal)
+        per_pair = 4 * w.batch * w.heads * w.head_dim / (topo.compute_tflops * 1e12)
+        sources = ring_sources(((N, L), (L, 1)) if hierarchical else ((W, 1),), W)  # [step][p]: whose queries p holds
+        fwd_c = [per_pair * max(matrix[src][p] for p, src in enumerate(row)) for row in sources]
+    else:
+        fwd_c = [pair["forward"] * s * s] * W
+    computes = {"forward": fwd_c, "backward": [BACKWARD_FLOP_RATIO * c for c in fwd_c]}
+    times: dict[str, float] = {}
+    worst: dict[str, dict[str, float]] = {}
+    step = flows_per_nic = 0.0
+    for phase in PHASES:
+        moving, part = _tokenring_bytes(w.batch, s, w.heads, w.head_dim, w.dtype_bytes, phase)
+        c = computes[phase]
+        peak = {link: 0.0 for link in LINKS}
+
+        def partials(g: int, part: int = part) -> list[tuple[int, int, int]]:
+            """Step g's partials (sent during step g+1) that leave or reach node 0's ranks."""
+            holders = sorted({*mine, *(_tokenring_position(plan, q, g, +1) for q in mine)})
+            return [
+                (order[p], order[src], part) for p in holders if (src := _tokenring_position(plan, p, g, -1)) != p
+            ]
+
+        def loads(flows: list[tuple[int, int, int]], peak: dict[str, float] = peak) -> tuple[dict[str, float], float]:
+            got, nic = _flow_loads(plan, topo, flows)
+            for link in LINKS:
+                peak[link] = max(peak[link], got[link])
+            return got, nic
+
+        total = 0.0
+        for o in range(N if hierarchical else 1):
+            outer = [(a, b, moving) for a, b in hops["outer"]] if hierarchical and o < N - 1 else []
+            ring, size = 0.0, L if hierarchical else W
+            for i in range(size):
+                g = o * size + i
+                inner = [(a, b, moving) for a, b in hops["inner" if hierarchical else "flat"]] if i < size - 1 else []
+                for flow in partials(g - 1) if g else []:
+                    (outer if hierarchical and plan.link_class(flow[0], flow[1]) == "inter" else inner).append(flow)
+                got, nic = loads(inner)
+                ring += max(c[g], _load_time(topo, got))
+                if phase == "forward" and not hierarchical:
+                    step, flows_per_nic = max(step, c[g], _load_time(topo, got)), max(flows_per_nic, nic)
+            got, nic = loads(outer)
+            total += max(ring, _load_time(topo, got))
+            if phase == "forward" and hierarchical:
+                step, flows_per_nic = max(step, max(ring, _load_time(topo, got)) / L), max(flows_per_nic, nic)
+        home, _nic = _flow_loads(plan, topo, partials(W - 1))
+        times[phase] = total + _load_time(topo, home)
+        worst[phase] = peak
+    need = {
+        phase: {
+            link: _min_block(pair[phase], worst[phase][link] / s, _path(topo.link(link)), L if hierarchical and link == "inter" else 1)
+            if worst[phase][link] else 0
+            for link in LINKS
+        }
+        for phase in PHASES
+    }
+    transfer = {link: _path(topo.link(link)).time(worst["forward"][link]) for link in LINKS}
+    return Cost(
+        block_tokens=s, compute_s={phase: pair[phase] * s * s for phase in PHASES},
+        transfer_s=transfer, step_time_s=step, forward_s=times["forward"], backward_s=times["backward"],
+        bytes_per_step=per_step, bytes_total=totals, min_block_tokens=need, inter_flows_per_nic=flows_per_nic,
+        documents=docs,
+    )
+
+
+def _tokenring_position(plan: RingPlan, position: int, step: int, sign: int) -> int:
+    """sign -1: whose queries `position` holds at ring `step` (Schedule.source's
+    mixed-radix rule); +1: who holds `position`'s queries then."""
+    if plan.algorithm == "flat":
+        return (position + sign * step) % plan.world_size
+    L, N = plan.inner_size, plan.nodes
+    (n, l), (o, i) = divmod(position, L), divmod(step, L)
+    return ((n + sign * o) % N) * L + (l + sign * i) % L
+
+
+def _node_zero_positions(plan: RingPlan) -> range:
+    """Node 0's ring positions when every node holds L consecutive ones (all nodes then
+    carry the same traffic, shifted), else every position."""
+    W, N = plan.world_size, plan.nodes
+    L = W // N
+    if W % N == 0 and all(plan.rank_to_node[r] == p // L for p, r in enumerate(plan.ring_order)):
+        return range(L)
+    return range(W)
 
 
 def _ring_time(computes: list[float], moving: float, home: float) -> float:

@@ -1,5 +1,5 @@
 """Human views of a RingPlan: a rich table (flat, hierarchical and the rank-order baseline
-side by side), a second one (the plan's ring one-way and bidirectional) and a PNG of the ring drawn on the nodes, cross-node hops in another colour,
+side by side), a second one (the plan's ring one-way, bidirectional and TokenRing) and a PNG of the ring drawn on the nodes, cross-node hops in another colour,
 the outer ring as one labelled lane per node pair (no torch import).
 
 matplotlib is used through its object API on the Agg canvas, so drawing never touches the
@@ -15,7 +15,7 @@ from typing import Any
 
 from ringctl.infer_plan import INFER_MODES, InferWorkload, estimate_infer, infer_summary, sweep
 from ringctl.memory import MemoryCheck, check_plan_memory
-from ringctl.plan import HOP_DIRECTIONS, PHASES, RingPlan, Workload, alternatives, estimate, overlap_seq_len
+from ringctl.plan import DIRECTIONS, HOP_DIRECTIONS, RingPlan, Workload, alternatives, bytes_by_direction, estimate, overlap_seq_len
 from ringctl.topology import Topology
 
 #: colours of the link classes in the picture and the table
@@ -125,34 +125,33 @@ def plan_table(plan: RingPlan, workload: Workload, memory: MemoryCheck | None = 
 
 
 def direction_table(plan: RingPlan, workload: Workload) -> Any:
-    """A rich Table: the plan's algorithm one-way and bidirectional side by side (K/V bytes
-    per phase, link class and direction summed over ranks, transfer per hop, fwd+bwd); None
-    where bidirectional cannot run (one rank, one K/V head)."""
+    """A rich Table: the plan's algorithm one-way, bidirectional (two K/V heads or more) and
+    TokenRing side by side (bytes per phase, link class and direction summed over ranks;
+    TokenRing's "next" is its queries, "prev" its partials going home), transfer per hop,
+    predicted forward, backward and total; None for one rank."""
     from rich.table import Table
 
-    if plan.world_size == 1 or workload.kv_heads < 2:
+    if plan.world_size == 1:
         return None
     w = workload
-    plans = {d: replace(plan, direction=d) for d in ("one_way", "bidirectional")}
+    plans = {d: replace(plan, direction=d) for d in DIRECTIONS if d != "bidirectional" or w.kv_heads >= 2}
     costs = {d: estimate(p, w) for d, p in plans.items()}
     how = " (chosen by topology.direction=auto)" if plan.direction_requested == "auto" else ""
     links = ", ".join(f"{link} {plan.topology.link(link).links}" for link in ("intra", "inter")) if plan.topology else ""
-    table = Table(title=f"Direction: {plan.algorithm} ring one-way vs bidirectional{how}; links: {links}", title_justify="left")
+    table = Table(title=f"Direction: {plan.algorithm} ring, {' vs '.join(plans)}{how}; links: {links}", title_justify="left")
     table.add_column("")
     for d in plans:
         table.add_column(f"[bold]{d} <- plan[/]" if d == plan.direction else d)
-    sent = {
-        d: {phase: p.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, w.dtype_bytes, phase, by_direction=True) for phase in PHASES}
-        for d, p in plans.items()
-    }
+    sent = {d: bytes_by_direction(p, w) for d, p in plans.items()}
+    for phase, short in (("forward", "fwd"), ("backward", "bwd")):
+        for link in ("intra", "inter"):
+            color = COLORS[link]
+            for hop in HOP_DIRECTIONS:
+                table.add_row(f"[{color}]bytes {short}, {link} -> {hop}[/]", *(human_bytes(sent[d][phase][link][hop]) for d in plans))
     for link in ("intra", "inter"):
-        color = COLORS[link]
-        for hop in HOP_DIRECTIONS:
-            table.add_row(
-                f"[{color}]bytes fwd, {link} -> {hop}[/]",
-                *(human_bytes(sum(sent[d]["forward"][link][hop])) for d in plans),
-            )
-        table.add_row(f"[{color}]transfer / hop, {link}[/]", *(human_time(costs[d].transfer_s[link]) for d in plans))
+        table.add_row(f"[{COLORS[link]}]transfer / hop, {link}[/]", *(human_time(costs[d].transfer_s[link]) for d in plans))
+    table.add_row("forward", *(human_time(c.forward_s) for c in costs.values()))
+    table.add_row("backward", *(human_time(c.backward_s) for c in costs.values()))
     fastest = min(c.total_s for c in costs.values())
     table.add_row("forward + backward", *(human_time(c.total_s) + (" [green](fastest)[/]" if c.total_s == fastest else "") for c in costs.values()))
     return table
@@ -424,6 +423,8 @@ def plan_png(
         f"{plan.algorithm} ring, {plan.layout} layout: {plan.world_size} ranks on {plan.nodes} nodes\n"
         f"cross-node hops per revolution: {plan.cross_node_hops} (rank-order ring: {plan.baseline_cross_node_hops})"
     )
+    if plan.direction == "tokenring" and plan.world_size > 1:
+        title += "\nTokenRing: queries travel along the arrows, each partial result straight back to its owner"
     if workload is not None:
         cost = estimate(plan, workload)
         title += f"\npredicted step {human_time(cost.step_time_s)}, fwd+bwd {human_time(cost.total_s)}, " + (

@@ -217,8 +217,8 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
         grads = torch.autograd.grad(out, local, shard_sequence(dout, position, world))
         backward = runs[forward_runs:]
         buffers = [
-            (sum(b is not None for t, pair in r._buffers.items() if t % 2 == 0 for b in pair),
-             sum(b is not None for t, pair in r._buffers.items() if t % 2 == 1 for b in pair))
+            (sum(b is not None for t, pair in r._buffers.items() if r.channel(t) == 0 for b in pair),
+             sum(b is not None for t, pair in r._buffers.items() if r.channel(t) == 1 for b in pair))
             for r in backward
         ]  # fmt: skip
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]

@@ -77,7 +77,8 @@ def test_plan_json_has_the_alternatives() -> None:
     data = plan.to_dict(H100_LAYER)
     assert data["ring_requested"] == "auto"
     assert set(data["alternatives"]) == {
-        "flat", "hierarchical", "flat bidirectional", "hierarchical bidirectional", "rank-order"
+        "flat", "hierarchical", "flat bidirectional", "hierarchical bidirectional", "flat tokenring",
+        "hierarchical tokenring", "rank-order",
     }
     for figures in data["alternatives"].values():
         assert figures["predicted_total_time_s"] > 0

@@ -51,7 +51,21 @@ GPU_PARTITION = "needs a partition named `gpu` (a GPU cluster); the dev cluster 
 CALIBRATE = Example("elsewhere", "tests/test_calibrate.py::test_readme_example_runs_locally_writes_the_topology_and_logs_the_figures")
 CUSTOM = Example("elsewhere", "tests/test_custom_workload.py::test_readme_example_as_written_and_its_metrics")
 
+INFER_PLAN_16 = (
+    "ringctl plan +topology=16node workload=infer workload.prompt=131072 workload.turns=[1024] workload.heads=32 "
+    "workload.kv_heads=8 workload.head_dim=128 workload.dtype=bfloat16 workload.batch=1 --json"
+)
+INFER_CHECKPOINT = (
+    "ringctl launch +topology=2node workload=infer workload.checkpoint=$(ls runs/*/*/checkpoints/step_000010.pt "
+    "| tail -1) workload.seq_len=256 workload.heads=4 workload.prompt=128"
+)
+
 EXAMPLES: dict[str, Example] = {
+    "ringctl plan +topology=emulated2node workload=infer": LOCAL,
+    INFER_PLAN_16: LOCAL,
+    "ringctl launch +topology=2node workload=infer": LOCAL,
+    "ringctl launch +topology=emulated2node workload=infer": LOCAL,
+    INFER_CHECKPOINT: LOCAL,
     "ringctl plan +topology=2node": LOCAL,
     "ringctl launch +topology=2node": LOCAL,
     "ringctl launch -m workload.seq_len=1024,2048 topology.ring=flat,hierarchical": SLURM,
@@ -261,6 +275,46 @@ def test_bidirectional_plan_examples(local: Shell) -> None:
     plan = json.loads(ok(local.run("ringctl plan +topology=emulated3node_mesh --json")))
     assert plan["direction"] == "bidirectional", plan["direction"]
     assert plan["bytes_by_direction"], plan
+
+
+def test_inference_examples(local: Shell) -> None:
+    """The inference section: both strategies priced with the crossover it quotes, sessions
+    whose tokens equal one process's with auto's choice per topology, a train checkpoint served."""
+    out = ok(local.run("ringctl plan +topology=emulated2node workload=infer"))
+    assert "pass_q <- auto" in out and "inference crossover: T/(T+P) = 0.203" in out, out
+    assert (local.home / "ringplan-emulated2node.png").stat().st_size > 0
+    info = json.loads(ok(local.run(INFER_PLAN_16)))["inference"]
+    assert info["choice"] == "pass_q" and round(info["crossover"], 3) == 0.146
+    modes = info["modes"]
+    assert (round(modes["pass_q"]["predicted_s"] * 1e3, 2), round(modes["pass_kv"]["predicted_s"] * 1e3, 2)) == (0.32, 1.42)
+    for command, chosen in (
+        ("ringctl launch +topology=2node workload=infer", {"pass_kv": 32}),
+        ("ringctl launch +topology=emulated2node workload=infer", {"pass_kv": 1, "pass_q": 31}),
+    ):
+        out = ok(local.run(command))
+        results = results_of(local.last_job(overrides=command.split()[2:]))
+        assert "identical" in out and results["tokens_match_reference"] is True and results["bytes"]["match"] is True
+        assert {m: results["strategies"].count(m) for m in chosen} == chosen, results["strategies"]
+        assert results["times"]["time_to_first_token_s"] > 0 and results["times"]["decode_per_token_s"] > 0
+        counts = results["cache"]["tokens_per_rank"]
+        assert results["prefill_tokens_per_s"] > 0 and max(counts) - min(counts) <= 1
+    if not list(local.home.glob("runs/*/*/checkpoints/step_000010.pt")):  # the train line, as the README runs it first
+        ok(local.run("ringctl launch +topology=2node workload=train workload.steps=10"))
+    ok(local.run(INFER_CHECKPOINT))
+    results = results_of(local.index()[-1])
+    assert results["config"]["workload"]["checkpoint"].endswith("checkpoints/step_000010.pt")
+    assert results["tokens_match_reference"] is True
+    # the trained weights, not the seed's: the one-process run from the checkpoint generates
+    # the job's tokens, and its logits are not those of the model the seed builds
+    from omegaconf import OmegaConf
+
+    from ringctl.workloads.infer import reference_generate
+
+    served = results["config"]["workload"]
+    tokens, logits = reference_generate(OmegaConf.create(served))
+    assert results["generated"] == tokens
+    _, seeded = reference_generate(OmegaConf.create({**served, "checkpoint": None}))
+    assert max(float((a - b).abs().max()) for a, b in zip(logits, seeded, strict=True)) > 1e-3
 
 
 def test_composing_without_submitting(local: Shell) -> None:

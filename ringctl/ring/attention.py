@@ -45,7 +45,7 @@ from .block import BlockMask, block_backward_into, block_forward_into, block_imp
 from .comm import RingComm
 from .layouts import LAYOUTS, check_layout, mask_positions
 from .mask import MaskSpec, as_cu_seqlens
-from .merge import acc_dtype
+from .merge import acc_dtype, merge_block
 from .schedule import Schedule, make_schedule
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -122,7 +122,8 @@ class _RingAttention(torch.autograd.Function):
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec
     ) -> torch.Tensor:
         masks = _Masks(spec, q.shape[1])
-        out, lse = _ring_forward(q, k, v, spec, masks)
+        forward = _tokenring_forward if _is_tokenring(spec) else _ring_forward
+        out, lse = forward(q, k, v, spec, masks)
         # backward reads out only through delta = rowsum(dout * out), as SDPA's own backward
         # does with its output: what is saved is the returned out, in q's dtype
         ctx.save_for_backward(q, k, v, out, lse)
@@ -132,7 +133,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.spec, ctx.masks)
+        backward = _tokenring_backward if _is_tokenring(ctx.spec) else _ring_backward
+        dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.spec, ctx.masks)
         return dq, dk, dv, None
 
 
@@ -144,26 +146,33 @@ class _Masks:
 
     def __init__(self, spec: _RingSpec, local_len: int) -> None:
         self.spec, self.local_len = spec, local_len
-        self._blocks: dict[int, tuple[slice, BlockMask] | None] = {}
-        self._q_pos: torch.Tensor | None = None
+        self._blocks: dict[tuple[int, int], tuple[slice, BlockMask] | None] = {}
+        self._pos: dict[int, torch.Tensor] = {}
 
     def block(self, src: int) -> tuple[slice, BlockMask | None] | None:
         """(rows to compute, their mask; None: every key) of the block from ``src``, or None
         when no query sees any of its keys (skip it)."""
+        return self.pair(self.spec.schedule.position, src)
+
+    def pair(self, q_src: int, k_src: int) -> tuple[slice, BlockMask | None] | None:
+        """The same for the queries of position ``q_src`` against the keys of ``k_src``
+        (TokenRing computes visiting queries against this rank's keys)."""
         if self.spec.mask.is_full:
             return slice(0, self.local_len), None
-        if src not in self._blocks:
-            if self._q_pos is None:
-                self._q_pos = self.spec.positions(self.spec.schedule.position, self.local_len)
-            k_pos = self.spec.positions(src, self.local_len)
-            lo, hi = self.spec.mask.ranges(self._q_pos, k_pos)
+        if (q_src, k_src) not in self._blocks:
+            lo, hi = self.spec.mask.ranges(self._positions(q_src), self._positions(k_src))
             seeing = (hi > lo).nonzero().flatten()
             entry = None
             if seeing.numel():
                 first, last = int(seeing[0]), int(seeing[-1]) + 1
                 entry = slice(first, last), BlockMask(lo[first:last], hi[first:last])
-            self._blocks[src] = entry
-        return self._blocks[src]
+            self._blocks[(q_src, k_src)] = entry
+        return self._blocks[(q_src, k_src)]
+
+    def _positions(self, position: int) -> torch.Tensor:
+        if position not in self._pos:
+            self._pos[position] = self.spec.positions(position, self.local_len)
+        return self._pos[position]
 
 
 def _passes(q: torch.Tensor, k: torch.Tensor, lanes: int) -> list[list[tuple[slice, slice]]]:
@@ -333,6 +342,116 @@ def _backward_pass(
     return homes  # type: ignore[return-value]
 
 
+def _is_tokenring(spec: _RingSpec) -> bool:
+    return spec.schedule.direction == "tokenring" and spec.schedule.world_size > 1
+
+
+def _tokenring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _RingSpec, masks: _Masks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TokenRing (arXiv 2412.20501): each pass's queries travel the ring; every rank
+    attends the visiting queries to its own K/V and sends the partial (out, lse, one
+    ``(B, S, h, D+1)`` tensor in the accumulation dtype) straight back to their owner, which
+    merges it by log-sum-exp (``_Ring``'s owner partials). Exact like pass-KV: the same
+    blocks, merged in another order."""
+    acc = acc_dtype(q.dtype)
+    b, s, hq, d = q.shape
+    out = torch.empty((b, s, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+    comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
+    me = spec.schedule.position
+    for [(qh, kh)] in _passes(q, k, 1):
+        h = qh.stop - qh.start
+        merged = q.new_zeros((b, s, h, d), dtype=acc)
+        own_lse = lse[:, qh]
+        k_mine, v_mine = k[:, :, kh], v[:, :, kh]
+        scratch = [q.new_empty((b, s, h, d + 1), dtype=acc) for _ in range(2)]  # one may be in flight
+        visits = [0]
+
+        def leaf(src: int, block: Any) -> torch.Tensor:
+            part = scratch[visits[0] % 2]
+            visits[0] += 1
+            part[..., :d].zero_()
+            part[..., d].fill_(float("-inf"))
+            found = masks.pair(src, me)
+            if found is not None:
+                r, mask = found
+                o, lse_view = part[:, r, :, :d], part[:, r, :, d].transpose(1, 2)
+                block_forward_into(o, lse_view, block[:, r], k_mine, v_mine, scale=spec.scale, mask=mask)
+            return part
+
+        def fold(part: torch.Tensor, merged: torch.Tensor = merged, own: torch.Tensor = own_lse) -> None:
+            merge_block(merged, own, part[..., :d], part[..., d].transpose(1, 2))
+
+        def new(block: Any, h: int = h) -> torch.Tensor:
+            return block.new_empty((b, s, h, d + 1), dtype=acc)
+
+        # a copy even when q is contiguous: the ring receives into the block it starts from
+        travelling = q[:, :, qh].clone(memory_format=torch.contiguous_format)
+        _Ring(comm, spec.schedule, [leaf], partials=[OwnerPartials(new, fold)]).run([travelling])
+        out[:, :, qh] = merged
+        del merged, scratch  # not alive through the next pass
+    return out, lse
+
+
+def _tokenring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    spec: _RingSpec,
+    masks: _Masks,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TokenRing's backward: what dq needs (q, dout, out, lse) travels; every rank adds the
+    visiting block's dK/dV into its own (they never move) and sends the block's dq partial
+    straight back to its owner, which sums them."""
+    acc = acc_dtype(q.dtype)
+    b, s, hq, d = q.shape
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    comm = RingComm(spec.group, spec.schedule.rank, "backward", spec.schedule.link_class)
+    me = spec.schedule.position
+    for [(qh, kh)] in _passes(q, k, 1):
+        h = qh.stop - qh.start
+        dq_own = q.new_zeros((b, s, h, d), dtype=acc)
+        dk_own = k.new_zeros((b, s, kh.stop - kh.start, d), dtype=acc)
+        dv_own = torch.zeros_like(dk_own)
+        k_mine, v_mine = k[:, :, kh], v[:, :, kh]
+        scratch = [q.new_empty((b, s, h, d), dtype=acc) for _ in range(2)]
+        visits = [0]
+
+        def leaf(src: int, block: Any) -> torch.Tensor:
+            part = scratch[visits[0] % 2]
+            visits[0] += 1
+            part.zero_()
+            found = masks.pair(src, me)
+            if found is not None:
+                r, mask = found
+                q_b, dout_b, out_b, lse_b = block
+                block_backward_into(
+                    part[:, r], dk_own, dv_own, dout_b[:, r], q_b[:, r], k_mine, v_mine, out_b[:, r],
+                    lse_b[:, :, r], scale=spec.scale, mask=mask,
+                )  # fmt: skip
+            return part
+
+        def fold(part: torch.Tensor, dq_own: torch.Tensor = dq_own) -> None:
+            dq_own.add_(part)
+
+        def new(block: Any, h: int = h) -> torch.Tensor:
+            return block[0].new_empty((b, s, h, d), dtype=acc)
+
+        travelling = tuple(x[:, :, qh].contiguous() for x in (q, dout, out)) + (lse[:, qh].contiguous(),)
+        _Ring(comm, spec.schedule, [leaf], partials=[OwnerPartials(new, fold)]).run([travelling])
+        dq[:, :, qh] = dq_own
+        dk[:, :, kh] = dk_own
+        dv[:, :, kh] = dv_own
+        del dq_own, dk_own, dv_own, scratch, travelling
+    return dq, dk, dv
+
+
 def _pack(
     k: torch.Tensor, v: torch.Tensor, heads: slice, spec: _RingSpec
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -352,6 +471,17 @@ def _pack(
 # A leaf visit computes one block: (source position, the held block) -> its contribution to
 # the block's accumulator (backward: the (2, ...) dK/dV), or None when it contributes nothing.
 Leaf = Callable[[int, Any], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class OwnerPartials:
+    """TokenRing's channel 2: each leaf's result is a partial for the *owner* of the held
+    block (its queries' rank), sent straight back to it; the owner folds what it receives,
+    and its own block's partial, into its result (``fold``: out/lse merge, or dq sum).
+    ``new`` gives a receive buffer like a partial of a held block."""
+
+    new: Callable[[Any], torch.Tensor]
+    fold: Callable[[torch.Tensor], Any]
 
 
 @dataclass(frozen=True)
@@ -405,43 +535,98 @@ class _Ring:
         leaves: Sequence[Leaf],
         *,
         accumulator: Accumulator | None = None,
+        partials: Sequence[OwnerPartials] | None = None,
     ) -> None:
         if len(leaves) not in (1, schedule.lanes):
             raise RuntimeError(f"{len(leaves)} lanes for a schedule of {schedule.lanes}")
+        if partials is not None and (accumulator is not None or len(partials) != len(leaves)):
+            raise RuntimeError("owner partials take one per lane and no travelling accumulator")
         self.comm = comm
         self.schedules = [schedule, schedule.reversed()][: len(leaves)]
         self.leaves = list(leaves)
         self.acc = accumulator
+        self.partials = list(partials) if partials is not None else None
+        self._partial_hops: list[Any] = [None] * len(leaves)
         self._steps: list[int] = []
         # tag -> its two buffers (a tag names one lane's level and channel: tag % 2 is the
         # channel, 0 K/V and 1 dK/dV)
-        self._buffers: dict[int, list[torch.Tensor | None]] = {}
+        self._buffers: dict[int, list[Any]] = {}
 
     @staticmethod
     def _tag(depth: int, lane: int, channel: int) -> int:
-        """Every (level, lane, channel) its own tag: with 2 ranks both lanes share a peer."""
-        return 4 * depth + 2 * lane + channel
+        """Every (level, lane, channel) its own tags: with 2 ranks both lanes share a peer,
+        and a block of several tensors (TokenRing's backward) takes one tag per tensor."""
+        return 8 * (3 * (2 * depth + lane) + channel)
 
-    def _buffer(self, tag: int, step: int, block: Any) -> torch.Tensor:
-        """Buffer ``step % 2`` of the channel ``tag``: for K/V (channel 0) one like the
-        travelling ``block``, for channel 1 the accumulator's buffer for it."""
+    @staticmethod
+    def channel(tag: int) -> int:
+        """The channel of a tag: 0 the travelling block, 1 its accumulator, 2 owner partials."""
+        return tag // 8 % 3
+
+    @staticmethod
+    def _lane(tag: int) -> int:
+        return tag // 24 % 2
+
+    def _buffer(self, tag: int, step: int, block: Any) -> Any:
+        """Buffer ``step % 2`` of the channel ``tag``: for channel 0 one like the travelling
+        ``block`` (a tensor, or a tuple of them), for channel 1 the accumulator's buffer for
+        it, for channel 2 a receive buffer for an owner partial."""
         pair = self._buffers.setdefault(tag, [None, None])
         buffer = pair[step % 2]
         if buffer is None:
-            if tag % 2 == 0:
-                buffer = torch.empty_like(block)
-            else:
+            channel = self.channel(tag)
+            if channel == 0:
+                buffer = (
+                    torch.empty_like(block) if isinstance(block, torch.Tensor)
+                    else tuple(torch.empty_like(t) for t in block)
+                )  # fmt: skip
+            elif channel == 1:
                 assert self.acc is not None
                 buffer = self.acc.new(block)
+            else:
+                assert self.partials is not None
+                buffer = self.partials[self._lane(tag)].new(block)
             pair[step % 2] = buffer
         return buffer
 
     def run(self, kvs: Sequence[Any]) -> list[torch.Tensor | None]:
-        """Every lane's packed block in; every lane's home dK/dV accumulator (grad) out."""
+        """Every lane's packed block in; every lane's home accumulator (if any) out. With
+        owner partials, every partial has reached its owner and been folded on return."""
         for lane, kv in enumerate(kvs):
             if isinstance(kv, torch.Tensor):
                 self._buffers[self._tag(0, lane, 0)] = [None, kv]
-        return self._level(0, list(kvs))
+        homes = self._level(0, list(kvs))
+        for lane in range(len(self.leaves)):
+            self._settle(lane)
+        return homes
+
+    def _settle(self, lane: int) -> None:
+        """Wait for lane ``lane``'s partial exchange in flight; fold what it brought."""
+        hop = self._partial_hops[lane]
+        if hop is not None:
+            assert self.partials is not None
+            self._partial_hops[lane] = None
+            self.partials[lane].fold(hop.wait())
+
+    def _exchange(self, results: list[torch.Tensor | None]) -> None:
+        """TokenRing: each lane's partial goes to the owner of the block it was computed
+        on, and this rank receives its own block's partial from the rank holding it (a
+        permutation at every step, so every send has its receive). One exchange per lane in
+        flight: the previous one is waited for, and folded, only after this step's compute."""
+        assert self.partials is not None
+        for lane, (schedule, part) in enumerate(zip(self.schedules, results, strict=True)):
+            if part is None:
+                raise RuntimeError("a TokenRing leaf must return a partial (reset when it saw nothing)")
+            self._settle(lane)
+            src = schedule.source(self._steps)
+            if src == schedule.position:  # this rank's own queries: nothing travels
+                self.partials[lane].fold(part)
+                continue
+            tag = self._tag(0, lane, 2)
+            [self._partial_hops[lane]] = self.comm.hops([
+                (part, schedule.ring_order[src], schedule.ring_order[schedule.holder(self._steps)], tag,
+                 self._buffer(tag, 0, part), HOP_DIRECTIONS[1])
+            ])  # fmt: skip
 
     def _level(self, depth: int, held: list[Any]) -> list[torch.Tensor | None]:
         held = list(held)  # this level's blocks; the caller keeps its own
@@ -490,10 +675,14 @@ class _Ring:
     def _visit(self, depth: int, held: list[Any]) -> list[torch.Tensor | None]:
         if depth + 1 < len(self.schedules[0].levels):
             return self._level(depth + 1, held)
-        return [
+        results = [
             leaf(schedule.source(self._steps), block)
             for leaf, schedule, block in zip(self.leaves, self.schedules, held, strict=True)
         ]
+        if self.partials is None:
+            return results
+        self._exchange(results)
+        return [None for _ in results]
 
 
 # ---------------------------------------------------------------- input checks

@@ -49,8 +49,12 @@ class Schedule:
     world_size: int
     levels: tuple[Level, ...]
     link_class: Callable[[int, int], str]
-    #: "one_way" or "bidirectional" (ringctl.plan.DIRECTIONS): how many lanes the loop runs
+    #: "one_way", "bidirectional" or "tokenring" (ringctl.plan.DIRECTIONS): what travels
+    #: and how many lanes the loop runs
     direction: str = "one_way"
+    #: the plan's ring order (ring position -> rank within the group): where partial results
+    #: go back to their owner (TokenRing)
+    ring_order: tuple[int, ...] = ()
 
     @property
     def lanes(self) -> int:
@@ -60,6 +64,15 @@ class Schedule:
     def reversed(self) -> Schedule:
         """The same levels walked the other way (a bidirectional plan's second lane)."""
         return replace(self, levels=tuple(level.reversed() for level in self.levels))
+
+    def holder(self, steps: Sequence[int]) -> int:
+        """Ring position that holds this rank's own block after ``steps[i]`` hops on level i
+        (the inverse of ``source``)."""
+        dst = 0
+        for level, step in zip(self.levels, steps, strict=True):
+            digit = (self.position // level.stride) % level.size
+            dst += ((digit + level.sign * step) % level.size) * level.stride
+        return dst
 
     def source(self, steps: Sequence[int]) -> int:
         """Ring position whose K/V this rank holds after ``steps[i]`` hops on level i."""
@@ -106,4 +119,4 @@ def make_schedule(plan: Any, rank: int) -> Schedule:
             )
         )
     direction = getattr(plan, "direction", "one_way")
-    return Schedule(rank, position, world, tuple(levels), plan.link_class, direction)
+    return Schedule(rank, position, world, tuple(levels), plan.link_class, direction, order)

@@ -142,7 +142,7 @@ def link_bytes(ctx: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     exact = True
     for phase in PHASES:
-        predicted = ctx.plan.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, dtype_bytes, phase)
+        predicted = ctx.plan.predicted_bytes(w.batch, w.seq_len, w.kv_heads, w.head_dim, dtype_bytes, phase, heads=int(w.heads))
         out[phase] = {}
         for link in ("intra", "inter"):
             measured = [g[phase][link] for g in gathered]

@@ -1,0 +1,120 @@
+"""TokenRing (``plan.direction == "tokenring"``) on real gloo process groups.
+
+Queries travel the ring one way; every partial result (forward: out and lse; backward: dq)
+goes straight back to the rank that owns the queries, and dK/dV never move. Outputs and
+gradients must match float64 SDPA on the whole sequence (written-out bool mask, math
+backend) within 1e-10 / 1e-9, for W = 2..5, every layout, causal and not, GQA, packed
+documents and windows, flat and hierarchical plans; the bytes counted per phase, link class
+and direction ("next": queries, "prev": partials) must equal
+``plan.predicted_bytes(..., by_direction=True)`` exactly. Each world size is spawned once.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import pytest
+import torch
+from test_bidirectional import CASES, FWD_ATOL, GRAD_ATOL, PASSES_CASE, B, Case, D, Spec, _reference, written_out
+
+from _dist import run_workers
+from ringctl.plan import RingPlan
+from ringctl.ring import comm_stats, reset_comm_stats, ring_attention, shard_sequence
+
+SPECS = [
+    Spec((1, 1), "flat"),
+    Spec((2,), "flat", every_case=False),
+    Spec((1, 1, 1), "flat"),
+    Spec((1, 1, 1), "hierarchical", every_case=False),
+    Spec((2, 2), "hierarchical"),
+    Spec((3, 2), "flat", every_case=False),  # uneven nodes, cyclic: ring position != rank
+    Spec((1, 1, 1, 1, 1), "flat", every_case=False),
+]
+SHORT_CASES = [CASES[1], CASES[2], CASES[-3]]
+
+
+def cases_of(spec: Spec) -> list[Case]:
+    return CASES if spec.every_case else SHORT_CASES
+
+
+def _check(rank: int, plan: RingPlan, case: Case) -> dict[str, Any]:
+    world = plan.world_size
+    seq, cu = case.sequence(world)
+    gen = torch.Generator().manual_seed(seq * 7 + case.heads + case.kv_heads)
+    shapes = [(B, seq, case.heads, D), (B, seq, case.kv_heads, D), (B, seq, case.kv_heads, D), (B, seq, case.heads, D)]
+    q, k, v, dout = (torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
+    want = _reference(q, k, v, dout, written_out(seq, cu, case.causal, case.window))
+    position = plan.position(rank)
+
+    def shard(x: torch.Tensor) -> torch.Tensor:
+        return shard_sequence(x, position, world, layout=case.layout, cu_seqlens=cu)
+
+    local = [shard(x).requires_grad_() for x in (q, k, v)]
+    reset_comm_stats()
+    out = ring_attention(
+        *local, causal=case.causal, layout=case.layout, plan=plan, cu_seqlens=cu, window_size=case.window,
+    )  # fmt: skip
+    grads = torch.autograd.grad(out, local, shard(dout))
+    measured = comm_stats(by_direction=True)
+    predicted = {
+        phase: {
+            link: {d: per_rank[rank] for d, per_rank in by_dir.items()}
+            for link, by_dir in plan.predicted_bytes(
+                B, seq, case.kv_heads, D, 8, phase, by_direction=True, heads=case.heads
+            ).items()
+        }
+        for phase in ("forward", "backward")
+    }
+    failure = None
+    for name, got, ref, atol in zip(("out", "dq", "dk", "dv"), (out, *grads), want, (FWD_ATOL, *(GRAD_ATOL,) * 3), strict=True):
+        try:
+            torch.testing.assert_close(got.detach(), shard(ref), rtol=0, atol=atol)
+        except AssertionError as err:
+            failure = f"rank {rank} (position {position}), {name}: {err}"
+            break
+    return {"failure": failure, "measured": measured, "predicted": predicted}
+
+
+def _worker(rank: int, world: int) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for spec in SPECS:
+        if spec.world != world:
+            continue
+        for case in cases_of(spec):
+            report[f"{spec.name}-{case.name}"] = _check(rank, spec.plan(case.layout, "tokenring"), case)
+    if world == 3:  # several head passes (GQA groups), each its own TokenRing
+        from ringctl import memory
+
+        saved, memory.MIN_PASS_WORK = memory.MIN_PASS_WORK, {"torch": 1, "triton": 1}
+        try:
+            report["passes"] = _check(rank, SPECS[2].plan(PASSES_CASE.layout, "tokenring"), PASSES_CASE)
+        finally:
+            memory.MIN_PASS_WORK = saved
+    return report
+
+
+@cache
+def _results(world: int) -> list[dict[str, Any]]:
+    return run_workers(_worker, world)
+
+
+@pytest.mark.parametrize(
+    ("spec", "case"), [(spec, case) for spec in SPECS for case in cases_of(spec)], ids=lambda x: x.name
+)
+def test_tokenring_matches_sdpa_and_predicted_bytes(spec: Spec, case: Case) -> None:
+    key = f"{spec.name}-{case.name}"
+    reports = [r[key] for r in _results(spec.world)]
+    failures = [r["failure"] for r in reports if r["failure"]]
+    assert not failures, f"{key}: {failures[0]}"
+    for rank, report in enumerate(reports):
+        assert report["measured"] == report["predicted"], f"{key} rank {rank}"
+        for phase in ("forward", "backward"):  # queries went one way, partials the other
+            sent = report["measured"][phase]
+            assert sum(sent[link]["next"] for link in sent) > 0 and sum(sent[link]["prev"] for link in sent) > 0
+
+
+def test_tokenring_with_several_head_passes() -> None:
+    reports = [r["passes"] for r in _results(3)]
+    assert not [r["failure"] for r in reports if r["failure"]]
+    assert all(r["measured"] == r["predicted"] for r in reports)
