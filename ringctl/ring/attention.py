@@ -359,39 +359,53 @@ def _tokenring_forward(
     out = torch.empty((b, s, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
     comm = RingComm(spec.group, spec.schedule.rank, "forward", spec.schedule.link_class)
-    me = spec.schedule.position
     for [(qh, kh)] in _passes(q, k, 1):
-        h = qh.stop - qh.start
-        merged = q.new_zeros((b, s, h, d), dtype=acc)
-        own_lse = lse[:, qh]
-        k_mine, v_mine = k[:, :, kh], v[:, :, kh]
-        scratch = [q.new_empty((b, s, h, d + 1), dtype=acc) for _ in range(2)]  # one may be in flight
-        visits = [0]
-
-        def leaf(src: int, block: Any) -> torch.Tensor:
-            part = scratch[visits[0] % 2]
-            visits[0] += 1
-            part[..., :d].zero_()
-            part[..., d].fill_(float("-inf"))
-            found = masks.pair(src, me)
-            if found is not None:
-                r, mask = found
-                o, lse_view = part[:, r, :, :d], part[:, r, :, d].transpose(1, 2)
-                block_forward_into(o, lse_view, block[:, r], k_mine, v_mine, scale=spec.scale, mask=mask)
-            return part
-
-        def fold(part: torch.Tensor, merged: torch.Tensor = merged, own: torch.Tensor = own_lse) -> None:
-            merge_block(merged, own, part[..., :d], part[..., d].transpose(1, 2))
-
-        def new(block: Any, h: int = h) -> torch.Tensor:
-            return block.new_empty((b, s, h, d + 1), dtype=acc)
-
+        merged = q.new_zeros((b, s, qh.stop - qh.start, d), dtype=acc)
         # a copy even when q is contiguous: the ring receives into the block it starts from
         travelling = q[:, :, qh].clone(memory_format=torch.contiguous_format)
-        _Ring(comm, spec.schedule, [leaf], partials=[OwnerPartials(new, fold)]).run([travelling])
+        _tokenring_forward_pass(comm, spec, masks, travelling, k[:, :, kh], v[:, :, kh], merged, lse[:, qh])
         out[:, :, qh] = merged
-        del merged, scratch  # not alive through the next pass
+        del merged, travelling  # not alive through the next pass
     return out, lse
+
+
+def _tokenring_forward_pass(
+    comm: RingComm,
+    spec: _RingSpec,
+    masks: _Masks,
+    travelling: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    merged: torch.Tensor,
+    own_lse: torch.Tensor,
+) -> None:
+    """One pass: this rank's queries ``travelling`` go round; partials of every block merge
+    into ``merged``/``own_lse`` (this rank's out and lse of the pass's heads)."""
+    b, s, h, d = travelling.shape
+    me = spec.schedule.position
+    acc = merged.dtype
+    scratch = [travelling.new_empty((b, s, h, d + 1), dtype=acc) for _ in range(2)]  # one may be in flight
+    visits = [0]
+
+    def leaf(src: int, block: Any) -> torch.Tensor:
+        part = scratch[visits[0] % 2]
+        visits[0] += 1
+        part[..., :d].zero_()
+        part[..., d].fill_(float("-inf"))
+        found = masks.pair(src, me)
+        if found is not None:
+            r, mask = found
+            o, lse_view = part[:, r, :, :d], part[:, r, :, d].transpose(1, 2)
+            block_forward_into(o, lse_view, block[:, r], k, v, scale=spec.scale, mask=mask)
+        return part
+
+    def fold(part: torch.Tensor) -> None:
+        merge_block(merged, own_lse, part[..., :d], part[..., d].transpose(1, 2))
+
+    def new(block: Any) -> torch.Tensor:
+        return block.new_empty((b, s, h, d + 1), dtype=acc)
+
+    _Ring(comm, spec.schedule, [leaf], partials=[OwnerPartials(new, fold)]).run([travelling])
 
 
 def _tokenring_backward(
@@ -408,48 +422,62 @@ def _tokenring_backward(
     visiting block's dK/dV into its own (they never move) and sends the block's dq partial
     straight back to its owner, which sums them."""
     acc = acc_dtype(q.dtype)
-    b, s, hq, d = q.shape
+    b, s, _, d = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     comm = RingComm(spec.group, spec.schedule.rank, "backward", spec.schedule.link_class)
-    me = spec.schedule.position
     for [(qh, kh)] in _passes(q, k, 1):
-        h = qh.stop - qh.start
-        dq_own = q.new_zeros((b, s, h, d), dtype=acc)
-        dk_own = k.new_zeros((b, s, kh.stop - kh.start, d), dtype=acc)
-        dv_own = torch.zeros_like(dk_own)
-        k_mine, v_mine = k[:, :, kh], v[:, :, kh]
-        scratch = [q.new_empty((b, s, h, d), dtype=acc) for _ in range(2)]
-        visits = [0]
-
-        def leaf(src: int, block: Any) -> torch.Tensor:
-            part = scratch[visits[0] % 2]
-            visits[0] += 1
-            part.zero_()
-            found = masks.pair(src, me)
-            if found is not None:
-                r, mask = found
-                q_b, dout_b, out_b, lse_b = block
-                block_backward_into(
-                    part[:, r], dk_own, dv_own, dout_b[:, r], q_b[:, r], k_mine, v_mine, out_b[:, r],
-                    lse_b[:, :, r], scale=spec.scale, mask=mask,
-                )  # fmt: skip
-            return part
-
-        def fold(part: torch.Tensor, dq_own: torch.Tensor = dq_own) -> None:
-            dq_own.add_(part)
-
-        def new(block: Any, h: int = h) -> torch.Tensor:
-            return block[0].new_empty((b, s, h, d), dtype=acc)
-
+        grads = [
+            q.new_zeros((b, s, qh.stop - qh.start, d), dtype=acc),
+            k.new_zeros((b, s, kh.stop - kh.start, d), dtype=acc),
+            k.new_zeros((b, s, kh.stop - kh.start, d), dtype=acc),
+        ]
         travelling = tuple(x[:, :, qh].contiguous() for x in (q, dout, out)) + (lse[:, qh].contiguous(),)
-        _Ring(comm, spec.schedule, [leaf], partials=[OwnerPartials(new, fold)]).run([travelling])
-        dq[:, :, qh] = dq_own
-        dk[:, :, kh] = dk_own
-        dv[:, :, kh] = dv_own
-        del dq_own, dk_own, dv_own, scratch, travelling
+        _tokenring_backward_pass(comm, spec, masks, travelling, k[:, :, kh], v[:, :, kh], grads)
+        dq[:, :, qh], dk[:, :, kh], dv[:, :, kh] = grads
+        del grads, travelling  # not alive through the next pass
     return dq, dk, dv
+
+
+def _tokenring_backward_pass(
+    comm: RingComm,
+    spec: _RingSpec,
+    masks: _Masks,
+    travelling: tuple[torch.Tensor, ...],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grads: list[torch.Tensor],
+) -> None:
+    """One pass: (q, dout, out, lse) of this rank's heads go round; ``grads`` = (dq, dk, dv)
+    of the pass, in the accumulation dtype: dk/dv gain every visiting block's share here,
+    dq sums the partials its owners send back."""
+    dq_own, dk_own, dv_own = grads
+    me = spec.schedule.position
+    scratch = [torch.empty_like(dq_own) for _ in range(2)]  # one may be in flight
+    visits = [0]
+
+    def leaf(src: int, block: Any) -> torch.Tensor:
+        part = scratch[visits[0] % 2]
+        visits[0] += 1
+        part.zero_()
+        found = masks.pair(src, me)
+        if found is not None:
+            r, mask = found
+            q_b, dout_b, out_b, lse_b = block
+            block_backward_into(
+                part[:, r], dk_own, dv_own, dout_b[:, r], q_b[:, r], k, v, out_b[:, r], lse_b[:, :, r],
+                scale=spec.scale, mask=mask,
+            )  # fmt: skip
+        return part
+
+    def fold(part: torch.Tensor) -> None:
+        dq_own.add_(part)
+
+    def new(block: Any) -> torch.Tensor:
+        return torch.empty_like(dq_own)
+
+    _Ring(comm, spec.schedule, [leaf], partials=[OwnerPartials(new, fold)]).run([travelling])
 
 
 def _pack(
