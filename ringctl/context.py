@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ringctl.job import discover, node_name
-from ringctl.plan import ALGORITHMS, ORDERS, RingPlan, make_plan
+from ringctl.plan import ALGORITHMS, DIRECTION_CHOICES, ORDERS, RingPlan, make_plan
 from ringctl.ring import ring_attention, shard_sequence, unshard_sequence
 from ringctl.ring.layouts import check_layout, document_positions, token_positions
 from ringctl.topology import Topology, setting
@@ -43,7 +43,9 @@ class RingContext:
 
     - nothing: the nodes are discovered (SLURMD_NODENAME, else the hostname, all_gathered
       over the group), optionally cut into virtual nodes of `virtual_node_size` ranks, and
-      the ring planned with `algorithm` (flat | hierarchical) and `order` (node | rank);
+      the ring planned with `algorithm` (flat | hierarchical), `order` (node | rank) and
+      `direction` (one_way | bidirectional | tokenring | auto; default one_way: `auto` prices
+      the planner's default long-context layer, so name one when your shapes differ);
     - `topology`: a `Topology` (its placement is taken as given: its world size must be the
       group's) or a topology config (mapping or TopologyConfig: its link classes and, unless
       given here, its `ring`, `order` and `virtual_node_size`; the placement is discovered);
@@ -64,6 +66,7 @@ class RingContext:
         order: str | None = None,
         virtual_node_size: int | None = None,
         plan: RingPlan | None = None,
+        direction: str | None = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("RingContext needs torch.distributed: call dist.init_process_group first")
@@ -73,13 +76,16 @@ class RingContext:
         if self.rank < 0:
             raise ValueError("group: this process is not a member of the group it passed")
         if plan is not None:
-            given = {"topology": topology, "algorithm": algorithm, "order": order, "virtual_node_size": virtual_node_size}
+            given = {
+                "topology": topology, "algorithm": algorithm, "order": order,
+                "virtual_node_size": virtual_node_size, "direction": direction,
+            }  # fmt: skip
             clash = [name for name, value in given.items() if value is not None]
             if clash:
                 raise ValueError(f"plan= is given, so {', '.join(clash)} cannot be: the plan already fixes them")
             self.plan = self._checked_plan(plan, layout)
         else:
-            self.plan = self._make_plan(layout, topology, algorithm, order, virtual_node_size)
+            self.plan = self._make_plan(layout, topology, algorithm, order, virtual_node_size, direction)
         self.layout: str = self.plan.layout
         self.topology: Topology | None = self.plan.topology
         # rank -> position is a property of the plan; the context caches this rank's once
@@ -104,6 +110,7 @@ class RingContext:
         algorithm: str | None,
         order: str | None,
         virtual_node_size: int | None,
+        direction: str | None = None,
     ) -> RingPlan:
         layout = check_layout("zigzag" if layout is None else layout)
         algorithm = algorithm if algorithm is not None else setting(topology, "ring", "flat")
@@ -112,6 +119,9 @@ class RingContext:
         order = order if order is not None else setting(topology, "order", "node")
         if order not in ORDERS:
             raise ValueError(f"order={order!r} is not a ring order; allowed: {', '.join(ORDERS)}")
+        direction = "one_way" if direction is None else direction  # not the config's: auto prices another layer
+        if direction not in DIRECTION_CHOICES:
+            raise ValueError(f"direction={direction!r} is invalid; allowed: {' | '.join(DIRECTION_CHOICES)}")
         if isinstance(topology, Topology):
             if virtual_node_size is not None:
                 raise ValueError("virtual_node_size cuts discovered nodes; a Topology's placement is given as is")
@@ -126,7 +136,7 @@ class RingContext:
             names: list[Any] = [None] * self.world_size
             dist.all_gather_object(names, node_name(), group=self.group)
             placed = discover(topology, [str(n) for n in names], virtual_node_size)
-        return make_plan(placed, layout=layout, algorithm=algorithm, order=order)
+        return make_plan(placed, layout=layout, algorithm=algorithm, order=order, direction=direction)
 
     # ---- the four operations ------------------------------------------------------------
     def shard(self, x: torch.Tensor, dim: int = 1, *, cu_seqlens: Any = None) -> torch.Tensor:

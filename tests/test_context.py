@@ -129,6 +129,11 @@ def _cyclic_worker(rank: int, world: int) -> dict[str, Any]:
     for algorithm in ("flat", "hierarchical"):
         for layout in ("docs", "zigzag"):
             errors.append(_check_documents(RingContext(algorithm=algorithm, layout=layout), [0, 3, 4, 11, 14]))
+    # both directions of every link: K/V split over two lanes, or TokenRing's queries
+    for direction in ("bidirectional", "tokenring"):
+        run = RingContext(algorithm="hierarchical", direction=direction)
+        assert run.plan.direction == direction
+        errors.append(_check_exact(run, True, seed=len(errors)))
     seen["max_error"] = max(errors)
     seen["cases"] = len(errors)
 
@@ -173,6 +178,10 @@ def _cyclic_worker(rank: int, world: int) -> dict[str, Any]:
         RingContext(algorithm="ring")
     with pytest.raises(ValueError, match="layout='zig'"):
         RingContext(layout="zig")
+    with pytest.raises(ValueError, match=r"direction='sideways' is invalid; allowed: auto \| one_way"):
+        RingContext(direction="sideways")
+    with pytest.raises(ValueError, match="direction cannot be"):
+        RingContext(plan=given, direction="tokenring")
     with pytest.raises(ValueError, match="plan: the context sets"):
         ctx.attention(*by_rank, plan=given)
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -192,7 +201,7 @@ def test_cyclic_four_ranks_exact_through_the_context() -> None:
     results = run_workers(_cyclic_worker, WORLD)
     assert [r["flat_order"] for r in results] == [[0, 2, 1, 3]] * WORLD
     assert [r["position"] for r in results] == [0, 2, 1, 3]
-    assert all(r["nodes"] == 2 and r["cases"] == 16 for r in results)
+    assert all(r["nodes"] == 2 and r["cases"] == 18 for r in results)
     assert max(r["max_error"] for r in results) <= 1e-10
     # ranks 1 and 2 swap shards under this plan: sharding by rank is far off
     assert max(r["by_rank_error"] for r in results) > 1e-2
