@@ -79,6 +79,7 @@ EXAMPLES: dict[str, Example] = {
     "ringctl launch topology.memory_per_rank_GB=0.01": LOCAL,
     "ringctl plan +topology=emulated3node_mesh workload.seq_len=6144": LOCAL,
     "ringctl plan +topology=emulated3node_mesh --json": LOCAL,
+    "ringctl plan +topology=emulated3node_mesh topology.direction=tokenring workload.kv_heads=8": LOCAL,
     "ringctl launch +topology=2node workload=train workload.steps=10 workload.layout=docs \"workload.documents='lognormal:mean=64'\"": LOCAL,
     "ringctl launch +topology=2node workload=attention workload.documents=[100,1,37,300]": LOCAL,
     "ringctl plan +topology=2node workload.layout=docs \"workload.documents='lognormal:mean=2048'\" --json": LOCAL,
@@ -275,6 +276,9 @@ def test_bidirectional_plan_examples(local: Shell) -> None:
     plan = json.loads(ok(local.run("ringctl plan +topology=emulated3node_mesh --json")))
     assert plan["direction"] == "bidirectional", plan["direction"]
     assert plan["bytes_by_direction"], plan
+    # TokenRing, forced, priced beside the other two
+    out = ok(local.run("ringctl plan +topology=emulated3node_mesh topology.direction=tokenring workload.kv_heads=8"))
+    assert "tokenring <- plan" in out and "(fastest)" in out, out
 
 
 def test_inference_examples(local: Shell) -> None:
