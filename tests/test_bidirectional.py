@@ -141,7 +141,8 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Te
 
 
 def _check(rank: int, plan: RingPlan, case: Case) -> dict[str, Any]:
-    """First numerics failure (None: all within tolerance) and measured vs predicted bytes."""
+    """First numerics failure (None: all within tolerance) and measured vs predicted bytes
+    (also tests/test_tokenring.py's: the plan's direction decides what travels)."""
     world = plan.world_size
     seq, cu = case.sequence(world)
     gen = torch.Generator().manual_seed(seq * 7 + case.heads + case.kv_heads)
@@ -165,7 +166,7 @@ def _check(rank: int, plan: RingPlan, case: Case) -> dict[str, Any]:
         phase: {
             link: {d: per_rank[rank] for d, per_rank in by_dir.items()}
             for link, by_dir in plan.predicted_bytes(
-                B, seq, case.kv_heads, D, 8, phase, by_direction=True
+                B, seq, case.kv_heads, D, 8, phase, by_direction=True, heads=case.heads
             ).items()
         }
         for phase in ("forward", "backward")

@@ -15,12 +15,9 @@ from functools import cache
 from typing import Any
 
 import pytest
-import torch
-from test_bidirectional import CASES, FWD_ATOL, GRAD_ATOL, PASSES_CASE, B, Case, D, Spec, _reference, written_out
+from test_bidirectional import CASES, PASSES_CASE, Case, Spec, _check
 
 from _dist import run_workers
-from ringctl.plan import RingPlan
-from ringctl.ring import comm_stats, reset_comm_stats, ring_attention, shard_sequence
 
 SPECS = [
     Spec((1, 1), "flat"),
@@ -36,44 +33,6 @@ SHORT_CASES = [CASES[1], CASES[2], CASES[-3]]
 
 def cases_of(spec: Spec) -> list[Case]:
     return CASES if spec.every_case else SHORT_CASES
-
-
-def _check(rank: int, plan: RingPlan, case: Case) -> dict[str, Any]:
-    world = plan.world_size
-    seq, cu = case.sequence(world)
-    gen = torch.Generator().manual_seed(seq * 7 + case.heads + case.kv_heads)
-    shapes = [(B, seq, case.heads, D), (B, seq, case.kv_heads, D), (B, seq, case.kv_heads, D), (B, seq, case.heads, D)]
-    q, k, v, dout = (torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
-    want = _reference(q, k, v, dout, written_out(seq, cu, case.causal, case.window))
-    position = plan.position(rank)
-
-    def shard(x: torch.Tensor) -> torch.Tensor:
-        return shard_sequence(x, position, world, layout=case.layout, cu_seqlens=cu)
-
-    local = [shard(x).requires_grad_() for x in (q, k, v)]
-    reset_comm_stats()
-    out = ring_attention(
-        *local, causal=case.causal, layout=case.layout, plan=plan, cu_seqlens=cu, window_size=case.window,
-    )  # fmt: skip
-    grads = torch.autograd.grad(out, local, shard(dout))
-    measured = comm_stats(by_direction=True)
-    predicted = {
-        phase: {
-            link: {d: per_rank[rank] for d, per_rank in by_dir.items()}
-            for link, by_dir in plan.predicted_bytes(
-                B, seq, case.kv_heads, D, 8, phase, by_direction=True, heads=case.heads
-            ).items()
-        }
-        for phase in ("forward", "backward")
-    }
-    failure = None
-    for name, got, ref, atol in zip(("out", "dq", "dk", "dv"), (out, *grads), want, (FWD_ATOL, *(GRAD_ATOL,) * 3), strict=True):
-        try:
-            torch.testing.assert_close(got.detach(), shard(ref), rtol=0, atol=atol)
-        except AssertionError as err:
-            failure = f"rank {rank} (position {position}), {name}: {err}"
-            break
-    return {"failure": failure, "measured": measured, "predicted": predicted}
 
 
 def _worker(rank: int, world: int) -> dict[str, Any]:
