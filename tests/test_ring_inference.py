@@ -54,7 +54,9 @@ def _plan(kind: str, world: int, layout: str) -> RingPlan | None:
         topo = Topology(nodes, rank_to_node=place_ranks(nodes, "cyclic"))
         return make_plan(topo, layout=layout, algorithm="flat")
     topo = Topology((world // 2, world // 2), rank_to_node=place_ranks((world // 2, world // 2), "cyclic"))
-    return make_plan(topo, layout=layout, algorithm="hierarchical")
+    # a training plan that uses both directions: inference runs its first lane only
+    direction = "bidirectional" if kind == "hierarchical-bidirectional" else "one_way"
+    return make_plan(topo, layout=layout, algorithm="hierarchical", direction=direction)
 
 
 def _session(rank: int, world: int, kind: str, layout: str) -> list[tuple[int, str, float]]:
@@ -102,7 +104,8 @@ def _placement_counts(rank: int, world: int) -> list[int]:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_prefill_and_decode_match_sdpa_float64(world: int) -> None:
-    kinds = ["rank"] + (["flat-cyclic"] if world > 2 else []) + (["hierarchical"] if world == 4 else [])
+    kinds = ["rank"] + (["flat-cyclic"] if world > 2 else [])
+    kinds += ["hierarchical", "hierarchical-bidirectional"] if world == 4 else []
     for kind in kinds:
         for layout in ("zigzag", "contiguous") if kind == "rank" else ("zigzag",):
             results = run_workers(_session, world, kind, layout)
