@@ -23,7 +23,6 @@ block where no query sees a key is skipped, and padding rows see nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -247,9 +246,3 @@ def _pass_q(q: torch.Tensor, cache: RingKVCache, layer: int, turn: CacheTurn, sc
     assert home is not None
     return home[:, :n, :, :d].to(q.dtype)
 
-
-def cache_positions(cache: RingKVCache) -> Sequence[torch.Tensor]:
-    """Every ring position's key positions after the current turn (for tests and reports)."""
-    if cache.turn is None:
-        return ()
-    return cache.turn.keys_by_position

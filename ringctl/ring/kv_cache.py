@@ -119,6 +119,9 @@ class RingKVCache:
             for _ in range(layers)
         ]
         self._filled = [0] * layers  # rows of each layer written so far
+        # every position's key positions so far, filled turn by turn (a turn costs its own
+        # tokens, not the context's: decode steps stay cheap on a long context)
+        self._key_pos = torch.empty((world, self.capacity_per_rank), dtype=torch.int64)
         self.turn: CacheTurn | None = None
         self._turns = 0
 
@@ -154,12 +157,15 @@ class RingKVCache:
                 )
         self._check_same_on_every_rank(count)
         turn = self.placement.extend(count)
+        new = tuple(_positions(r) for r in turn.new)
+        for p, (before, after) in enumerate(zip(turn.held_before, turn.held_after, strict=True)):
+            self._key_pos[p, before:after] = new[p]
         self.turn = CacheTurn(
             index=self._turns,
             turn=turn,
-            positions=_positions(turn.new[self.position]),
-            new_by_position=tuple(_positions(r) for r in turn.new),
-            keys_by_position=tuple(_positions(r) for r in self.placement.runs),
+            positions=new[self.position],
+            new_by_position=new,
+            keys_by_position=tuple(self._key_pos[p, :n] for p, n in enumerate(turn.held_after)),
         )
         self._turns += 1
         return self.turn
