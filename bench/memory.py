@@ -31,6 +31,7 @@ gradients do, for the ring and for SDPA alike.
 
     OMP_NUM_THREADS=1 python bench/memory.py                       # S=8K,16K; fp32, bf16; W=2,4
     OMP_NUM_THREADS=1 python bench/memory.py --seq 32768 --world 2,4,8 --dtype float32
+    OMP_NUM_THREADS=1 python bench/memory.py --kv-heads 2 --direction tokenring  # queries travel
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from ring_cpu import DTYPES, Shape
 
-from ringctl.plan import seq_len_divisor
+from ringctl.plan import DIRECTIONS, seq_len_divisor
 from ringctl.workloads.attention import PeakMemory
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
@@ -94,6 +95,7 @@ class Point:
     device: str
     repeats: int
     sdpa: bool  # rank 0 also measures SDPA (once per shape: its figure does not depend on W)
+    direction: str = "one_way"  # the ring's (ringctl.plan.DIRECTIONS), on the rank-order ring
 
 
 def _rank_main(rank: int, port: int, point: Point, results: Any) -> None:
@@ -108,15 +110,18 @@ def _rank_main(rank: int, port: int, point: Point, results: Any) -> None:
         world_size=world, timeout=timedelta(seconds=1800),
     )  # fmt: skip
     try:
+        from ringctl.plan import make_plan
         from ringctl.ring import ring_attention, shard_sequence
+        from ringctl.topology import Topology
 
+        plan = make_plan(Topology((world,)), layout=shape.layout, order="rank", direction=point.direction)
         full = [x.to(device) for x in shape.inputs()]
         q, k, v, dout = (shard_sequence(x, rank, world, layout=shape.layout) for x in full)
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         peak = PeakMemory(device)
 
         def ring_fwd() -> torch.Tensor:
-            return ring_attention(*leaves, causal=shape.causal, layout=shape.layout)
+            return ring_attention(*leaves, causal=shape.causal, layout=shape.layout, plan=plan)
 
         def ring_bwd(out: torch.Tensor) -> Any:
             return torch.autograd.grad(out, leaves, dout)
@@ -185,14 +190,14 @@ def measure(point: Point) -> list[list[dict[str, Any]]]:
     return [reports[r] for r in range(point.world)]
 
 
-def predicted(shape: Shape, world: int, device: str) -> Any:
+def predicted(shape: Shape, world: int, device: str, direction: str = "one_way") -> Any:
     """The planner's prediction for this point (ringctl.memory.predict_peak)."""
     from ringctl.memory import predict_peak
 
     return predict_peak(
         batch=shape.batch, seq_len=shape.seq, heads=shape.heads, kv_heads=shape.kv_heads,
         head_dim=shape.head_dim, dtype=shape.dtype, world_size=world, layout=shape.layout,
-        causal=shape.causal, block_impl="triton" if device == "cuda" else "torch",
+        causal=shape.causal, block_impl="triton" if device == "cuda" else "torch", direction=direction,
     )  # fmt: skip
 
 
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layout", default="zigzag")
     parser.add_argument("--repeats", type=int, default=1, help="measured rounds after warm-up")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--direction", choices=DIRECTIONS, default="one_way", help="what travels the ring (default one_way)")
     args = parser.parse_args(argv)
     worlds = [int(w) for w in args.world.split(",")]
     seqs = [int(s) for s in args.seq.split(",")]
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()
     print(
         f"B={args.batch} H={args.heads} Hkv={args.kv_heads or args.heads} D={args.head_dim} "
-        f"causal={args.causal} {args.layout}; {args.device}, 1 torch thread per process; "
+        f"causal={args.causal} {args.layout} {args.direction}; {args.device}, 1 torch thread per process; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; MB = 1e6 bytes",
         flush=True,
     )
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                     dtype, args.causal, args.layout,
                 )  # fmt: skip
                 first = world == worlds[0]
-                by_rank = measure(Point(shape, world, args.device, args.repeats, sdpa=first))
+                by_rank = measure(Point(shape, world, args.device, args.repeats, sdpa=first, direction=args.direction))
                 if first:
                     sdpa = max(max(r["sdpa"][:2]) for r in by_rank[0])
                     sdpa_s = statistics.median(r["sdpa"][2] for r in by_rank[0])
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                     for j in (2, 3)
                 )
                 per_rank = max(fwd, bwd)
-                pred = predicted(shape, world, args.device)
+                pred = predicted(shape, world, args.device, args.direction)
                 pred_mb = f"{pred.total / MB:8.1f}" if pred is not None else f"{'-':>8}"
                 ratio = f"{pred.total / per_rank:9.2f}" if pred is not None else f"{'-':>9}"
                 ranks = f"{per_rank / MB:7.1f} ({fwd / MB:6.1f},{bwd / MB:7.1f})"

@@ -23,6 +23,15 @@ What the runtime (ringctl/ring/attention.py) holds, and why:
   one head chunk at a time (the ``torch`` block path: ATen's CPU flash kernel).
 - The block kernels' own temporaries: the torch path computes a tile one head chunk at a
   time (about 1/8 of a pass's query heads), the Triton path a whole pass at once.
+- ``direction`` (the plan's): bidirectional splits the K/V heads in two lanes, each with
+  its own buffers, and makes at most ``floor(Hkv/2)`` passes (lane 1's heads), so a pass
+  may hold more heads than one-way's. TokenRing keeps K/V home: per pass a copy of its
+  query heads travels (backward: q, dout, out, lse; dout assumed contiguous, as autograd
+  gives it), with one more such block per hop level; partials go back to their owner (two
+  computed, one received: forward out and lse as one ``(B, S, h, D+1)`` tensor, backward
+  dq), and the pass's out or dq, dk, dv accumulate in the accumulation dtype whatever the
+  input dtype; no dK/dV travels. With few K/V heads (GQA) that is several times pass-KV's
+  working set.
 
 Counts are allocations (CUDA's ``max_memory_allocated`` sees them all); on CPU a buffer's
 pages count in RSS only once written, so the gradients filled pass by pass read up to 1/P
@@ -35,11 +44,11 @@ not fit (``memory_refusal``) before anything is submitted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ringctl.errors import ConfigError, check_positive_int
-from ringctl.plan import ALGORITHMS, DTYPE_BYTES, LAYOUTS, MAX_SEQ_LEN, check_seq_len, seq_len_divisor
+from ringctl.plan import ALGORITHMS, DIRECTIONS, DTYPE_BYTES, LAYOUTS, MAX_SEQ_LEN, check_seq_len, lane_kv_heads, seq_len_divisor
 
 #: block implementations: ATen's CPU flash kernel (ringctl/ring/block.py), or the Triton
 #: kernels (CUDA)
@@ -97,15 +106,19 @@ def head_chunk(heads: int, kv_heads: int) -> tuple[int, int]:
 class MemoryEstimate:
     """Predicted bytes per rank. ``forward`` and ``backward`` map component -> bytes alive
     at that phase's peak; ``breakdown`` is the larger of the two (the call's peak), and
-    ``total`` its sum; ``inputs`` (q, k, v, dout shards) exist before the call."""
+    ``total`` its sum; ``inputs`` (q, k, v, dout shards) exist before the call.
+    ``buffers``: per phase, the buffers of each ``_Ring`` channel (0 the travelling block,
+    1 its accumulator, 2 owner partials received) a pass holds at its peak, all lanes."""
 
     forward: dict[str, int]
     backward: dict[str, int]
     inputs: int
     passes: int
     shard_tokens: int
-    kv_buffers: int  # K/V blocks a pass holds at its peak (per ring level pairs)
+    kv_buffers: int  # K/V blocks a pass holds at its peak (per ring level pairs; 0: TokenRing)
     acc_buffers: int  # dK/dV accumulators a pass holds at its peak
+    direction: str = "one_way"
+    buffers: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def peak_phase(self) -> str:
@@ -133,12 +146,15 @@ class MemoryEstimate:
             "forward": dict(self.forward), "backward": dict(self.backward),
             "inputs_bytes": self.inputs, "passes": self.passes, "shard_tokens": self.shard_tokens,
             "kv_buffers": self.kv_buffers, "acc_buffers": self.acc_buffers,
+            "direction": self.direction,
+            "buffers": {phase: list(counts) for phase, counts in self.buffers.items()},
         }  # fmt: skip
 
 
 def _check(
     batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
     world_size: int, layout: str, algorithm: str, nodes: int, block_impl: str,
+    direction: str = "one_way",
 ) -> int:  # fmt: skip
     """Tokens per shard; ValueError (ConfigError) naming the argument otherwise."""
     for name, value in (
@@ -151,9 +167,12 @@ def _check(
     for name, choice, allowed in (
         ("dtype", dtype, tuple(DTYPE_BYTES)), ("layout", layout, LAYOUTS),
         ("algorithm", algorithm, ALGORITHMS), ("block_impl", block_impl, BLOCK_IMPLS),
+        ("direction", direction, DIRECTIONS),
     ):  # fmt: skip
         if choice not in allowed:
             raise ValueError(f"{name}={choice!r}; allowed: {', '.join(allowed)}")
+    if direction == "bidirectional" and world_size > 1:
+        lane_kv_heads(kv_heads, direction)  # ValueError naming kv_heads for one K/V head
     if algorithm == "hierarchical" and world_size % nodes:
         raise ValueError(
             f"nodes={nodes} does not divide world_size={world_size}: a hierarchical ring "
@@ -200,55 +219,150 @@ def predict_peak(
     nodes: int = 1,
     block_impl: str = "torch",
     cpu_threads: int = 1,
+    direction: str = "one_way",
 ) -> MemoryEstimate:
     """Peak bytes per rank of one ring_attention forward+backward (see the module doc).
 
     Shapes are global (``seq_len`` is the whole sequence, ``heads`` the query heads);
-    ``algorithm``/``nodes`` as in the RingPlan (hierarchical: ``nodes`` rings of
-    ``world_size / nodes``); a shard holds ``ceil(seq_len / world_size)`` tokens (``docs``
-    pads, the others divide). ``block_impl``: "triton" for the CUDA kernels, "torch" for the
-    CPU path (ATen's flash kernel with ``cpu_threads`` threads). ``causal`` and ``layout``
-    change which blocks are computed, not the peak: every layout's own block has all rows.
+    ``algorithm``/``nodes``/``direction`` as in the RingPlan (hierarchical: ``nodes`` rings
+    of ``world_size / nodes``; direction: what travels, ringctl.plan.DIRECTIONS); a shard
+    holds ``ceil(seq_len / world_size)`` tokens (``docs`` pads, the others divide).
+    ``block_impl``: "triton" for the CUDA kernels, "torch" for the CPU path (ATen's flash
+    kernel with ``cpu_threads`` threads). ``causal`` and ``layout`` change which blocks are
+    computed, not the peak: every layout's own block has all rows.
     """
     s = _check(batch, seq_len, heads, kv_heads, head_dim, dtype, world_size, layout, algorithm,
-               nodes, block_impl)  # fmt: skip
+               nodes, block_impl, direction)  # fmt: skip
     e = DTYPE_BYTES[dtype]
     a = 8 if dtype == "float64" else 4
-    cast = e != a
     bsd = batch * s * head_dim  # elements of one head of one shard
     passes = head_passes(
         batch=batch, shard_tokens=s, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         block_impl=block_impl,
     )
-    hq, hk = heads // passes, kv_heads // passes
-    n_kv, n_acc = _buffer_counts(_levels(algorithm, world_size, nodes))
-
+    levels = _levels(algorithm, world_size, nodes)
     out = bsd * heads * e
     lse = batch * heads * s * a
-    kv_block = 2 * bsd * hk * e
-    acc_block = 2 * bsd * hk * a
-    pass_q = bsd * hq * a  # one pass's query heads in the accumulation dtype
-    fwd_temps, bwd_temps = _block_temporaries(
-        bsd, hq, hk, a, cast, block_impl, s, cpu_threads, batch
-    )
-    forward = {
-        "out": out,
-        "lse": lse,
-        "merge buffer (pass, float32)": pass_q if cast else 0,
-        "K/V blocks in flight (pass)": n_kv * kv_block,
-        "block temporaries": fwd_temps,
-    }
-    backward = {
-        "out, lse (saved)": out + lse,
-        "dq, dk, dv": out + 2 * bsd * kv_heads * e,
-        "dq accumulator (pass, float32)": pass_q if cast else 0,
-        "K/V blocks in flight (pass)": n_kv * kv_block,
-        "dK/dV accumulators (pass)": n_acc * acc_block,
-        "one block's dK/dV (pass)": acc_block,
-        "block temporaries": bwd_temps,
-    }
+    ring = _PassRing(batch, s, head_dim, e, a, block_impl, cpu_threads, levels, world_size)
+    if direction == "tokenring" and world_size > 1:  # a ring of one runs pass-KV's loop
+        hq, hk = heads // passes, kv_heads // passes
+        per_pass = [ring.tokenring(hq, hk, copies=passes > 1)]
+    else:
+        passes, shapes = _pass_lanes(heads, kv_heads, passes, direction, world_size)
+        per_pass = [ring.pass_kv(lanes) for lanes in shapes]
+    fwd, bwd, buffers, n_kv, n_acc = (
+        max((p[0] for p in per_pass), key=lambda d: sum(d.values())),
+        max((p[1] for p in per_pass), key=lambda d: sum(d.values())),
+        per_pass[0][2], per_pass[0][3], per_pass[0][4],
+    )  # fmt: skip
+    forward = {"out": out, "lse": lse, **fwd}
+    backward = {"out, lse (saved)": out + lse, "dq, dk, dv": out + 2 * bsd * kv_heads * e, **bwd}
     inputs = bsd * (2 * heads + 2 * kv_heads) * e
-    return MemoryEstimate(forward, backward, inputs, passes, s, n_kv, n_acc)
+    return MemoryEstimate(forward, backward, inputs, passes, s, n_kv, n_acc, direction, buffers)
+
+
+def _pass_lanes(
+    heads: int, kv_heads: int, passes: int, direction: str, world_size: int
+) -> tuple[int, list[tuple[tuple[int, int], ...]]]:
+    """(passes, each distinct pass as its lanes' (query heads, K/V heads)) of pass-KV, as
+    ringctl.ring.attention._passes splits them: one lane of ``1/passes`` of the heads; or,
+    bidirectional, two lanes (``lane_kv_heads``) and at most as many passes as lane 1 has
+    heads, each taking a near-equal contiguous share of both."""
+    group = heads // kv_heads
+    if direction != "bidirectional" or world_size == 1:
+        return passes, [((heads // passes, kv_heads // passes),)]
+    sizes = lane_kv_heads(kv_heads, direction)
+    n = max(1, min(passes, sizes[1]))
+    shapes = {
+        tuple((group * (h * (j + 1) // n - h * j // n), h * (j + 1) // n - h * j // n) for h in sizes)
+        for j in range(n)
+    }  # fmt: skip
+    return n, sorted(shapes)
+
+
+@dataclass(frozen=True)
+class _PassRing:
+    """What one pass of the ring holds beside the call's results, by direction: per phase
+    (forward, backward) component -> bytes, the buffers per ``_Ring`` channel, and the K/V
+    and dK/dV buffer counts of ``MemoryEstimate``."""
+
+    batch: int
+    s: int
+    head_dim: int
+    e: int  # input element bytes
+    a: int  # accumulation element bytes
+    block_impl: str
+    threads: int
+    levels: list[int]
+    world_size: int
+
+    def temporaries(self, hq: int, hk: int) -> tuple[int, int]:
+        bsd = self.batch * self.s * self.head_dim
+        return _block_temporaries(
+            bsd, hq, hk, self.a, self.e != self.a, self.block_impl, self.s, self.threads, self.batch
+        )
+
+    def pass_kv(self, lanes: tuple[tuple[int, int], ...]) -> tuple[Any, ...]:
+        """K/V travel (each lane its own heads' buffers); dK/dV accumulators follow them; the
+        lanes' blocks compute one after the other (temporaries of one lane at a time)."""
+        bsd, e, a, cast = self.batch * self.s * self.head_dim, self.e, self.a, self.e != self.a
+        hq, hk = sum(q for q, _ in lanes), sum(k for _, k in lanes)
+        n_kv, n_acc = _buffer_counts(self.levels)
+        temps = [self.temporaries(q, k) for q, k in lanes]
+        kv_block, acc_block, pass_q = 2 * bsd * hk * e, 2 * bsd * hk * a, bsd * hq * a
+        forward = {
+            "merge buffer (pass, float32)": pass_q if cast else 0,
+            "K/V blocks in flight (pass)": n_kv * kv_block,
+            "block temporaries": max(t[0] for t in temps),
+        }
+        backward = {
+            "dq accumulator (pass, float32)": pass_q if cast else 0,
+            "K/V blocks in flight (pass)": n_kv * kv_block,
+            "dK/dV accumulators (pass)": n_acc * acc_block,
+            "one block's dK/dV (pass)": acc_block,
+            "block temporaries": max(t[1] for t in temps),
+        }
+        n = len(lanes)
+        buffers = {"forward": (n * n_kv, 0, 0), "backward": (n * n_kv, n * n_acc, 0)}
+        return forward, backward, buffers, n * n_kv, n * n_acc
+
+    def tokenring(self, hq: int, hk: int, *, copies: bool) -> tuple[Any, ...]:
+        """TokenRing: the pass's queries travel (forward: a copy of q's heads, which is level
+        0's second buffer; backward: q, dout, out and lse of the heads, copied where their
+        slices are not contiguous, i.e. with several passes, and not seeded as a buffer);
+        K/V stay home and no accumulator travels. Partials (forward: out and lse as one
+        (B, S, h, D+1) tensor; backward: dq) go back to their owner: two computed (one may
+        be in flight) and one receive buffer. The pass's out (forward) or dq, dk, dv
+        (backward) accumulate in the accumulation dtype whatever the input dtype.
+
+        The receive buffer is allocated at the first remote partial, after the second
+        block's compute: on two ranks no block computes after it, so there a block's
+        temporaries count only beyond it (the peak is the larger of the two)."""
+        b, s, d, e, a = self.batch, self.s, self.head_dim, self.e, self.a
+        bsd = b * s * d
+        n_fwd = _buffer_counts(self.levels)[0]
+        n_bwd = sum((1 if size >= 2 else 0) + (1 if size >= 3 else 0) for size in self.levels)
+        q_side = 3 * bsd * hq * e + b * hq * s * a  # q, dout, out, lse of the pass's heads
+        copied = (3 * bsd * hq * e if b * s > 1 else 0) + (b * hq * s * a if b > 1 else 0)
+        fwd_temps, bwd_temps = self.temporaries(hq, hk)
+        fwd_received, bwd_received = b * s * hq * (d + 1) * a, bsd * hq * a
+        if self.world_size < 3:
+            fwd_temps, bwd_temps = max(0, fwd_temps - fwd_received), max(0, bwd_temps - bwd_received)
+        forward = {
+            "merge buffer (pass, accumulation dtype)": bsd * hq * a,
+            "queries in flight (pass)": n_fwd * bsd * hq * e,
+            "out/lse partials (pass: 2 computed, 1 received)": 2 * b * s * hq * (d + 1) * a + fwd_received,
+            "block temporaries": fwd_temps,
+        }
+        backward = {
+            "dq, dk, dv accumulators (pass, accumulation dtype)": bsd * (hq + 2 * hk) * a,
+            "q, dout, out, lse copies (pass)": copied if copies else 0,
+            "q, dout, out, lse in flight (pass)": n_bwd * q_side,
+            "dq partials (pass: 2 computed, 1 received)": 2 * bsd * hq * a + bwd_received,
+            "block temporaries": bwd_temps,
+        }
+        buffers = {"forward": (n_fwd, 0, 1), "backward": (n_bwd, 0, 1)}
+        return forward, backward, buffers, 0, 0
 
 
 def _block_temporaries(
@@ -306,6 +420,7 @@ def max_seq_len(
     block_impl: str = "torch",
     cpu_threads: int = 1,
     include_inputs: bool = True,
+    direction: str = "one_way",
 ) -> int:
     """The longest global ``seq_len`` (a multiple of ``seq_len_divisor``) whose predicted peak
     per rank (with the input shards, unless ``include_inputs=False``) fits ``memory_bytes``;
@@ -325,6 +440,7 @@ def max_seq_len(
             batch=batch, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
             dtype=dtype, world_size=world_size, layout=layout, causal=causal,
             algorithm=algorithm, nodes=nodes, block_impl=block_impl, cpu_threads=cpu_threads,
+            direction=direction,
         )  # fmt: skip
         return (est.with_inputs if include_inputs else est.total) <= memory_bytes
 
@@ -381,13 +497,14 @@ def check_plan_memory(
     plan: Any, workload: Any, limit_bytes: int | None, *, block_impl: str = "torch", cpu_threads: int = 1
 ) -> MemoryCheck:
     """``predict_peak`` and ``max_seq_len`` for a RingPlan (its world size, layout, ring
-    algorithm and nodes) and a planner Workload (its global shapes and dtype) against
+    algorithm, nodes and direction) and a planner Workload (its global shapes and dtype) against
     ``limit_bytes`` per rank. ``block_impl``: "triton" for GPU ranks, "torch" for CPU ranks."""
     shapes = {
         "batch": workload.batch, "heads": workload.heads, "kv_heads": workload.kv_heads,
         "head_dim": workload.head_dim, "dtype": workload.dtype, "world_size": plan.world_size,
         "layout": plan.layout, "causal": workload.causal, "algorithm": plan.algorithm,
         "nodes": plan.nodes, "block_impl": block_impl, "cpu_threads": cpu_threads,
+        "direction": getattr(plan, "direction", "one_way"),
     }  # fmt: skip
     est = predict_peak(seq_len=workload.seq_len, **shapes)
     longest = None
@@ -410,7 +527,7 @@ def memory_refusal(check: MemoryCheck, seq_len: int, limit_key: str = "topology.
         "workload.seq_len", seq_len,
         f"{allowed} (the longest whose predicted peak per rank fits {limit_key}={limit / 1e9:g})",
         f"predicted peak per rank {est.with_inputs:,} bytes = {est.total:,} for one ring_attention fwd+bwd + "
-        f"{est.inputs:,} of input shards ({est.passes} head pass(es), {check.block_impl} blocks) > {limit:,} bytes; "
+        f"{est.inputs:,} of input shards ({est.passes} head pass(es), {check.block_impl} blocks, direction {est.direction}) > {limit:,} bytes; "
         "it grows with workload.seq_len, workload.batch, workload.heads, workload.kv_heads, workload.head_dim and "
         "workload.dtype, and shrinks with more ranks (topology.nodes x topology.ranks_per_node)",
     )

@@ -65,8 +65,10 @@ def user_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_module_in_the_launch_directory_runs_with_its_arguments(user_dir: Path) -> None:
     done = ringctl(
+        # one_way pinned: auto may pick TokenRing for the config's MHA shape (8/8 heads), and
+        # the K/V bytes below are pass-KV's
         ["launch", "+topology=2node", "launcher=local", "workload=custom", "workload.entry=ringctl_user_model:main",
-         "+workload.args.seq_len=256", "+workload.args.tag=hello", "wandb=disabled"],
+         "+workload.args.seq_len=256", "+workload.args.tag=hello", "wandb=disabled", "topology.direction=one_way"],
         user_dir,
     )
     assert done.returncode == 0, done.stdout + done.stderr

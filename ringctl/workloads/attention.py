@@ -320,7 +320,7 @@ def memory_results(ctx: Any, peak: int | None, measured: str) -> dict[str, Any]:
             kv_heads=int(w.kv_heads), head_dim=int(w.head_dim), dtype=str(w.dtype),
             world_size=plan.world_size, layout=plan.layout, causal=bool(w.causal),
             algorithm=plan.algorithm, nodes=plan.nodes, block_impl=block_impl_for(like),
-            cpu_threads=torch.get_num_threads(),
+            cpu_threads=torch.get_num_threads(), direction=plan.direction,
         )  # fmt: skip
     except ValueError as err:
         out["predicted_error"] = str(err)
