@@ -18,9 +18,10 @@ end, and the job must resume from the last periodic one.
 The second node never comes back by itself: like an operator after a repair, the test
 restarts its slurmd and RESUMEs it (also in a `finally`, so the session's cluster is left
 whole), and lets the requeued job start at once (StartTime=now; SLURM otherwise holds a
-requeued job back for about two minutes), once SLURM has ended the lost allocation and every
-node is idle (a node back while that end is still processed can be sent its termination, which
-would hit the retry's tasks: same job id). The cluster has no third node, so the job resumes
+requeued job back for about two minutes), once SLURM has ended the lost allocation, every
+node is idle and the restored node has handled the lost run's termination (slurmctld sends it
+when the node registers; a retry started before would have its tasks on that node killed by
+it, as they share the job id). The cluster has no third node, so the job resumes
 on the same two; re-planning onto other nodes is test_resume's time-limit test.
 
 Checked: the waiting `ringctl launch` follows the job through NODE_FAIL and PENDING to
@@ -86,13 +87,15 @@ def _slurmd_alive(cluster: Any, node: str) -> bool:
 
 def _restore_node(cluster: Any, node: str) -> None:
     """Start the node's slurmd again the way slurm/dev-cluster does (a session of its own,
-    not our child; its pid where `down` looks) and return the node to service."""
+    not our child; its pid where `down` looks) and return the node to service. It logs at
+    debug level (-vv), so that the lost run's termination, which slurmctld delivers once the
+    node registers, shows in its output (`_terminated`)."""
     if not _slurmd_alive(cluster, node):
         pidfile = cluster.state_dir / "pids" / f"slurmd-{node}.pid"
         with open(cluster.state_dir / "log" / f"slurmd-{node}.out", "ab") as log:
             subprocess.run(
                 ["setsid", "-f", "sh", "-c", 'echo $$ > "$0"; exec "$@"', str(pidfile),
-                 "/usr/sbin/slurmd", "-D", "-N", node, "-f", str(cluster.slurm_conf)],
+                 "/usr/sbin/slurmd", "-D", "-vv", "-N", node, "-f", str(cluster.slurm_conf)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True, timeout=30,
                 env={**cluster.env, "RINGCTL_DEV_CLUSTER": str(cluster.state_dir)},
             )
@@ -107,6 +110,15 @@ def _restore_node(cluster: Any, node: str) -> None:
         return bool(state)
 
     wait_for(in_service, 60, f"{node} back in service", poll_s=1.0)
+
+
+def _terminated(cluster: Any, node: str, job_id: str, since: int) -> bool:
+    """Whether the node's slurmd, since byte ``since`` of its output, handled slurmctld's
+    termination of job ``job_id`` (the lost run's: it revokes the job's credential there)."""
+    with open(cluster.state_dir / "log" / f"slurmd-{node}.out", "rb") as out:
+        out.seek(since)
+        text = out.read().decode(errors="replace")
+    return any("_rpc_terminate_job" in line and job_id in line for line in text.splitlines())
 
 
 def _sacct_history(cli: Cli, job_id: str) -> list[str]:
@@ -145,16 +157,21 @@ def test_lost_node_requeues_and_resumes_from_checkpoint(cli: Cli, slurm_cluster:
         assert launch.poll() is None, (tmp_path / "launch.out").read_text()
         status = cli("status", job_id)
         assert f"job {job_id} (slurm): queued" in status.stdout, status.stdout  # pending again, not failed
-        # like an operator, bring the node back once SLURM has finished ending the lost
-        # allocation: a slurmd that registers while the old run's end is still being
-        # processed can be sent that run's termination, which then hits the retry's tasks
-        # (same job id) on it
+        # like an operator, bring the node back once SLURM has ended the lost allocation.
+        # Once the node registers, slurmctld sends it the lost run's termination; a retry
+        # started on it before that arrives has its tasks killed by it (same job id: seen as
+        # "tasks 2-3: Terminated" at the retry's start). So the retry starts only after the
+        # node's slurmd has handled it (or, should none come, 30 s later).
         ctld_log = slurm_cluster.state_dir / "log" / "slurmctld.log"
         wait_for(lambda: f"Requeuing JobId={job_id}" in ctld_log.read_text(errors="replace"), 120,
                  "SLURM done ending the lost allocation")
+        since = (slurm_cluster.state_dir / "log" / f"slurmd-{node}.out").stat().st_size
         _restore_node(slurm_cluster, node)
         wait_for(lambda: set(cli.slurm("sinfo", "-h", "-o", "%T", check=False).split()) == {"idle"}, 60,
                  "every node idle")
+        deadline = time.monotonic() + 30
+        while not _terminated(slurm_cluster, node, job_id, since) and time.monotonic() < deadline:
+            time.sleep(0.25)
         cli.slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         assert launch.wait(timeout=300) == 0, (tmp_path / "launch.out").read_text()
     finally:

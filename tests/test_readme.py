@@ -314,7 +314,8 @@ def test_inference_examples(local: Shell) -> None:
 
     from ringctl.workloads.infer import reference_generate
 
-    served = results["config"]["workload"]
+    served = dict(results["config"]["workload"])
+    served["checkpoint"] = str(local.home / served["checkpoint"])  # as written: relative to the launch directory
     tokens, logits = reference_generate(OmegaConf.create(served))
     assert results["generated"] == tokens
     _, seeded = reference_generate(OmegaConf.create({**served, "checkpoint": None}))

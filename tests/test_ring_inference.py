@@ -102,19 +102,29 @@ def _placement_counts(rank: int, world: int) -> list[int]:
     return list(cache.placement.counts())
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_prefill_and_decode_match_sdpa_float64(world: int) -> None:
+def _sessions(rank: int, world: int) -> dict[str, list[tuple[int, str, float]]]:
+    """Every plan kind and cache layout of this world size, in one process group."""
     kinds = ["rank"] + (["flat-cyclic"] if world > 2 else [])
     kinds += ["hierarchical", "hierarchical-bidirectional"] if world == 4 else []
-    for kind in kinds:
-        for layout in ("zigzag", "contiguous") if kind == "rank" else ("zigzag",):
-            results = run_workers(_session, world, kind, layout)
-            worst = max(err for per_rank in results for _, _, err in per_rank)
-            assert worst < TOL, (kind, layout, [e for r in results for e in r if e[2] >= TOL][:5])
-            # every turn ran every strategy on every rank
-            assert {(t, m) for r in results for t, m, _ in r} == {
-                (t, m) for t in range(len(TURNS)) for m in ("pass_kv", "pass_q", "auto")
-            }
+    return {
+        f"{kind}-{layout}": _session(rank, world, kind, layout)
+        for kind in kinds
+        for layout in (("zigzag", "contiguous") if kind == "rank" else ("zigzag",))
+    }
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_prefill_and_decode_match_sdpa_float64(world: int) -> None:
+    results = run_workers(_sessions, world)
+    for name in results[0]:
+        per_rank = [r[name] for r in results]
+        worst = max(err for errors in per_rank for _, _, err in errors)
+        assert worst < TOL, (name, [e for r in per_rank for e in r if e[2] >= TOL][:5])
+        # every turn ran every strategy on every rank
+        assert {(t, m) for r in per_rank for t, m, _ in r} == {
+            (t, m) for t in range(len(TURNS)) for m in ("pass_kv", "pass_q", "auto")
+        }, name
+    assert len(results[0]) == {1: 2, 2: 2, 3: 3, 4: 5}[world]
 
 
 def test_placement_stays_balanced_after_many_appends() -> None:

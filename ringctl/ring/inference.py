@@ -118,8 +118,11 @@ _CHECKED: set[tuple[Any, ...]] = set()
 
 def _check_same_on_every_rank(q: torch.Tensor, cache: RingKVCache, mode: str) -> None:
     """One small all_gather per (shape, mode) signature: every rank must send blocks of the
-    same shape and run the same strategy, or the ring's hops would not match."""
-    key = (q.shape[0], q.shape[2], q.shape[3], q.dtype, mode, cache.group, id(cache))
+    same shape and run the same strategy, or the ring's hops would not match. Ranks that
+    call with the same signatures in the same order (the only correct use) skip together."""
+    # what every rank has in common (an object id would not be: a rank that skips the gather
+    # while another runs it hangs both)
+    key = (q.shape[0], q.shape[2], q.shape[3], q.dtype, mode, cache.group, cache.world_size, cache.kv_heads)
     if key in _CHECKED:
         return
     mine = [q.shape[0], q.shape[2], q.shape[3], MODES.index(mode)]
