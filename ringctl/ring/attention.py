@@ -41,11 +41,11 @@ from ringctl.documents import DOCS_LAYOUT, check_window
 from ringctl.memory import head_passes
 from ringctl.plan import HOP_DIRECTIONS, lane_kv_heads
 
-from .block import BlockMask, block_backward_into, block_forward_into, block_impl_for
+from .block import BlockMask, block_backward_into, block_forward_into, block_impl_for, seen_rows
 from .comm import RingComm
 from .layouts import LAYOUTS, check_layout, mask_positions
 from .mask import MaskSpec, as_cu_seqlens
-from .merge import acc_dtype, merge_block
+from .merge import acc_dtype, empty_partial, merge_partial, partial_views, reset_partial
 from .schedule import Schedule, make_schedule
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -160,13 +160,8 @@ class _Masks:
         if self.spec.mask.is_full:
             return slice(0, self.local_len), None
         if (q_src, k_src) not in self._blocks:
-            lo, hi = self.spec.mask.ranges(self._positions(q_src), self._positions(k_src))
-            seeing = (hi > lo).nonzero().flatten()
-            entry = None
-            if seeing.numel():
-                first, last = int(seeing[0]), int(seeing[-1]) + 1
-                entry = slice(first, last), BlockMask(lo[first:last], hi[first:last])
-            self._blocks[(q_src, k_src)] = entry
+            ranges = self.spec.mask.ranges(self._positions(q_src), self._positions(k_src))
+            self._blocks[(q_src, k_src)] = seen_rows(*ranges)
         return self._blocks[(q_src, k_src)]
 
     def _positions(self, position: int) -> torch.Tensor:
@@ -383,27 +378,23 @@ def _tokenring_forward_pass(
     into ``merged``/``own_lse`` (this rank's out and lse of the pass's heads)."""
     b, s, h, d = travelling.shape
     me = spec.schedule.position
-    acc = merged.dtype
-    scratch = [travelling.new_empty((b, s, h, d + 1), dtype=acc) for _ in range(2)]  # one may be in flight
+    scratch = [empty_partial(b, s, h, d, travelling) for _ in range(2)]  # one may be in flight
     visits = [0]
 
     def leaf(src: int, block: Any) -> torch.Tensor:
-        part = scratch[visits[0] % 2]
+        part = reset_partial(scratch[visits[0] % 2])
         visits[0] += 1
-        part[..., :d].zero_()
-        part[..., d].fill_(float("-inf"))
         found = masks.pair(src, me)
         if found is not None:
             r, mask = found
-            o, lse_view = part[:, r, :, :d], part[:, r, :, d].transpose(1, 2)
-            block_forward_into(o, lse_view, block[:, r], k, v, scale=spec.scale, mask=mask)
+            block_forward_into(*partial_views(part[:, r]), block[:, r], k, v, scale=spec.scale, mask=mask)
         return part
 
     def fold(part: torch.Tensor) -> None:
-        merge_block(merged, own_lse, part[..., :d], part[..., d].transpose(1, 2))
+        merge_partial(merged, own_lse, part)
 
     def new(block: Any) -> torch.Tensor:
-        return block.new_empty((b, s, h, d + 1), dtype=acc)
+        return empty_partial(b, s, h, d, block)
 
     _Ring(comm, spec.schedule, [leaf], partials=[OwnerPartials(new, fold)]).run([travelling])
 
@@ -576,8 +567,8 @@ class _Ring:
         self.partials = list(partials) if partials is not None else None
         self._partial_hops: list[Any] = [None] * len(leaves)
         self._steps: list[int] = []
-        # tag -> its two buffers (a tag names one lane's level and channel: tag % 2 is the
-        # channel, 0 K/V and 1 dK/dV)
+        # tag -> its two buffers (a tag names one lane's level and channel: ``_tag``,
+        # ``channel``)
         self._buffers: dict[int, list[Any]] = {}
 
     @staticmethod

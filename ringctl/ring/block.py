@@ -281,6 +281,17 @@ class BlockMask:
         return self._on[device]
 
 
+def seen_rows(lo: torch.Tensor, hi: torch.Tensor) -> tuple[slice, BlockMask] | None:
+    """The rows of a block whose range ``lo[i] <= j < hi[i]`` is not empty, as (their slice,
+    their BlockMask), or None when no row sees a key (skip the block). Masks are monotone,
+    so the rows that see something are one run."""
+    seeing = (hi > lo).nonzero().flatten()
+    if not seeing.numel():
+        return None
+    first, last = int(seeing[0]), int(seeing[-1]) + 1
+    return slice(first, last), BlockMask(lo[first:last], hi[first:last])
+
+
 def tiles(
     sq: int,
     sk: int,

@@ -29,15 +29,18 @@ import torch
 import torch.distributed as dist
 
 from .attention import Accumulator, _check_scale, _Ring
-from .block import BlockMask, block_forward_into
+from .block import BlockMask, block_forward_into, seen_rows
 from .comm import RingComm
 from .kv_cache import CacheError, CacheTurn, RingKVCache
-from .merge import acc_dtype, merge_block
+from .mask import MaskSpec
+from .merge import acc_dtype, empty_partial, merge_partial, partial_views, reset_partial
 from .schedule import make_schedule
 
 #: the strategies, and what ``mode`` may say (the same names as ringctl.infer_plan's)
 MODES = ("pass_kv", "pass_q")
 MODE_CHOICES = ("auto", *MODES)
+#: a language model's cache is causal by global position: query i sees keys j <= i
+_CAUSAL = MaskSpec(None, True, (-1, -1))
 
 
 def cached_attention(
@@ -142,16 +145,11 @@ def _check_same_on_every_rank(q: torch.Tensor, cache: RingKVCache, mode: str) ->
     _CHECKED.add(key)
 
 
-def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, rows: int) -> tuple[slice, BlockMask] | None:
-    """Causal mask of queries at ``q_pos`` (then padding up to ``rows``: none seen) against
-    keys at ``k_pos``: (rows that see a key, their ranges), or None when none does."""
-    hi = torch.searchsorted(k_pos, q_pos, right=True)
-    seeing = (hi > 0).nonzero().flatten()
-    if not seeing.numel():
-        return None
-    first, last = int(seeing[0]), int(seeing[-1]) + 1
-    hi = hi[first:last]
-    return slice(first, last), BlockMask(torch.zeros_like(hi), hi)
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[slice, BlockMask] | None:
+    """Causal mask of queries at ``q_pos`` against keys at ``k_pos`` (both ascending global
+    positions): (rows that see a key, their ranges), or None when none does. Padding rows
+    (past ``q_pos``) are never computed."""
+    return seen_rows(*_CAUSAL.ranges(q_pos, k_pos))
 
 
 def _kv_of(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +175,7 @@ def _pass_kv(q: torch.Tensor, cache: RingKVCache, layer: int, turn: CacheTurn, s
         if n == 0:
             return None
         if src not in masks:
-            masks[src] = _mask(q_pos, turn.keys_by_position[src], n)
+            masks[src] = _mask(q_pos, turn.keys_by_position[src])
         found = masks[src]
         if found is None:
             return None
@@ -198,21 +196,17 @@ def _pass_kv(q: torch.Tensor, cache: RingKVCache, layer: int, turn: CacheTurn, s
 
 
 def _partials(d: int) -> Accumulator:
-    """Pass-Q's accumulator: out ``[..., :D]`` and lse ``[..., D]`` of the travelling
-    queries, merged by log-sum-exp (start: out 0, lse -inf)."""
+    """Pass-Q's accumulator: the travelling queries' packed partial (out and lse,
+    ringctl.ring.merge), merged by log-sum-exp at every rank (start: out 0, lse -inf)."""
 
     def new(block: Any) -> torch.Tensor:
         b, t, h, _ = block.shape
-        return block.new_empty((b, t, h, d + 1), dtype=acc_dtype(block.dtype))
-
-    def reset(acc: torch.Tensor) -> None:
-        acc[..., :d].zero_()
-        acc[..., d].fill_(-math.inf)
+        return empty_partial(b, t, h, d, block)
 
     def fold(acc: torch.Tensor, part: torch.Tensor) -> None:
-        merge_block(acc[..., :d], acc[..., d].transpose(1, 2), part[..., :d], part[..., d].transpose(1, 2))
+        merge_partial(*partial_views(acc), part)
 
-    return Accumulator(new, reset, fold)
+    return Accumulator(new, reset_partial, fold)
 
 
 def _pass_q(q: torch.Tensor, cache: RingKVCache, layer: int, turn: CacheTurn, scale: float) -> torch.Tensor:
@@ -222,24 +216,18 @@ def _pass_q(q: torch.Tensor, cache: RingKVCache, layer: int, turn: CacheTurn, sc
     rows_max = turn.turn.max_new
     k, v = _kv_of(cache.block(layer))
     k_pos = turn.keys_by_position[cache.position]
-    acc = acc_dtype(q.dtype)
-    out = torch.empty((b, rows_max, hq, d), dtype=acc, device=q.device)
-    lse = torch.empty((b, hq, rows_max), dtype=acc, device=q.device)
-    part = torch.empty((b, rows_max, hq, d + 1), dtype=acc, device=q.device)
+    part = empty_partial(b, rows_max, hq, d, q)  # folded into the accumulator before the next visit
     masks: dict[int, tuple[slice, BlockMask] | None] = {}
 
     def leaf(src: int, block: Any) -> torch.Tensor | None:
         if src not in masks:
-            masks[src] = _mask(turn.new_by_position[src], k_pos, rows_max)
+            masks[src] = _mask(turn.new_by_position[src], k_pos)
         found = masks[src]
         if found is None:
             return None
         rows, mask = found
-        out.zero_()
-        lse.fill_(-math.inf)
-        block_forward_into(out[:, rows], lse[:, :, rows], block[:, rows], k, v, scale=scale, mask=mask)
-        part[..., :d] = out
-        part[..., d] = lse.transpose(1, 2)
+        reset_partial(part)
+        block_forward_into(*partial_views(part[:, rows]), block[:, rows], k, v, scale=scale, mask=mask)
         return part
 
     travelling = q.new_zeros((b, rows_max, hq, d))

@@ -28,3 +28,33 @@ def merge_block(
     weight = torch.sigmoid(block_lse - lse).nan_to_num_(nan=0.0)  # NaN only for -inf vs -inf
     torch.logaddexp(lse, block_lse, out=lse)
     out.lerp_(block_out.to(out.dtype), weight.transpose(1, 2).unsqueeze(-1).to(out.dtype))
+
+
+# A *packed partial* is one block's (or a merge's) out and lse in one tensor, as pass-Q and
+# TokenRing send them: ``(B, S, H, D+1)`` in the accumulation dtype, out in ``[..., :D]`` and
+# lse in ``[..., D]``. One message per hop instead of two.
+
+
+def empty_partial(b: int, s: int, h: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised packed partial for ``h`` heads of dimension ``d`` (on ``like``'s
+    device, in the accumulation dtype of ``like``'s dtype)."""
+    return like.new_empty((b, s, h, d + 1), dtype=acc_dtype(like.dtype))
+
+
+def reset_partial(part: torch.Tensor) -> torch.Tensor:
+    """Set a packed partial to what nothing seen gives (out 0, lse -inf): what the first
+    merge into it takes exactly."""
+    part[..., :-1].zero_()
+    part[..., -1].fill_(float("-inf"))
+    return part
+
+
+def partial_views(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out ``(B, S, H, D)``, lse ``(B, H, S)``) views of a packed partial, to compute or
+    merge into in place."""
+    return part[..., :-1], part[..., -1].transpose(1, 2)
+
+
+def merge_partial(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor) -> None:
+    """Fold a packed partial into ``(out, lse)`` (``merge_block``)."""
+    merge_block(out, lse, *partial_views(part))
