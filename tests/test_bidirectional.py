@@ -220,6 +220,16 @@ def _any(world: int) -> RingPlan:
     return next(s for s in SPECS if s.world == world).plan("zigzag")
 
 
+def exact_with_predicted_bytes(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's ``_check`` report of one case: no numerics failure, and bytes sent per
+    phase, class and direction equal to the plan's, on every rank (also test_tokenring's)."""
+    failures = [r["failure"] for r in reports if r["failure"]]
+    assert not failures, failures[0]
+    for rank, report in enumerate(reports):
+        assert report["measured"] == report["predicted"], f"rank {rank}"
+    return reports
+
+
 @cache
 def _results(world: int) -> list[dict[str, Any]]:
     return run_workers(_worker, world)
@@ -231,12 +241,7 @@ def _results(world: int) -> list[dict[str, Any]]:
     ids=lambda x: x.name,
 )
 def test_bidirectional_matches_sdpa_and_predicted_bytes(spec: Spec, case: Case) -> None:
-    key = f"{spec.name}-{case.name}"
-    reports = [r[key] for r in _results(spec.world)]
-    failures = [r["failure"] for r in reports if r["failure"]]
-    assert not failures, f"{key}: {failures[0]}"
-    for rank, report in enumerate(reports):
-        assert report["measured"] == report["predicted"], f"{key} rank {rank}"
+    for report in exact_with_predicted_bytes([r[f"{spec.name}-{case.name}"] for r in _results(spec.world)]):
         # each lane really went its way: both directions carried K/V
         assert report["measured"]["forward"]["inter"]["prev"] + report["measured"]["forward"]["intra"]["prev"] > 0
 

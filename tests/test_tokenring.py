@@ -15,7 +15,7 @@ from functools import cache
 from typing import Any
 
 import pytest
-from test_bidirectional import CASES, PASSES_CASE, Case, Spec, _check
+from test_bidirectional import CASES, PASSES_CASE, Case, Spec, _check, exact_with_predicted_bytes
 
 from _dist import run_workers
 
@@ -62,18 +62,11 @@ def _results(world: int) -> list[dict[str, Any]]:
     ("spec", "case"), [(spec, case) for spec in SPECS for case in cases_of(spec)], ids=lambda x: x.name
 )
 def test_tokenring_matches_sdpa_and_predicted_bytes(spec: Spec, case: Case) -> None:
-    key = f"{spec.name}-{case.name}"
-    reports = [r[key] for r in _results(spec.world)]
-    failures = [r["failure"] for r in reports if r["failure"]]
-    assert not failures, f"{key}: {failures[0]}"
-    for rank, report in enumerate(reports):
-        assert report["measured"] == report["predicted"], f"{key} rank {rank}"
+    for report in exact_with_predicted_bytes([r[f"{spec.name}-{case.name}"] for r in _results(spec.world)]):
         for phase in ("forward", "backward"):  # queries went one way, partials the other
             sent = report["measured"][phase]
             assert sum(sent[link]["next"] for link in sent) > 0 and sum(sent[link]["prev"] for link in sent) > 0
 
 
 def test_tokenring_with_several_head_passes() -> None:
-    reports = [r["passes"] for r in _results(3)]
-    assert not [r["failure"] for r in reports if r["failure"]]
-    assert all(r["measured"] == r["predicted"] for r in reports)
+    exact_with_predicted_bytes([r["passes"] for r in _results(3)])
