@@ -281,47 +281,6 @@ def test_bidirectional_plan_examples(local: Shell) -> None:
     assert "tokenring <- plan" in out and "(fastest)" in out, out
 
 
-def test_inference_examples(local: Shell) -> None:
-    """The inference section: both strategies priced with the crossover it quotes, sessions
-    whose tokens equal one process's with auto's choice per topology, a train checkpoint served."""
-    out = ok(local.run("ringctl plan +topology=emulated2node workload=infer"))
-    assert "pass_q <- auto" in out and "inference crossover: T/(T+P) = 0.203" in out, out
-    assert (local.home / "ringplan-emulated2node.png").stat().st_size > 0
-    info = json.loads(ok(local.run(INFER_PLAN_16)))["inference"]
-    assert info["choice"] == "pass_q" and round(info["crossover"], 3) == 0.146
-    modes = info["modes"]
-    assert (round(modes["pass_q"]["predicted_s"] * 1e3, 2), round(modes["pass_kv"]["predicted_s"] * 1e3, 2)) == (0.32, 1.42)
-    for command, chosen in (
-        ("ringctl launch +topology=2node workload=infer", {"pass_kv": 32}),
-        ("ringctl launch +topology=emulated2node workload=infer", {"pass_kv": 1, "pass_q": 31}),
-    ):
-        out = ok(local.run(command))
-        results = results_of(local.last_job(overrides=command.split()[2:]))
-        assert "identical" in out and results["tokens_match_reference"] is True and results["bytes"]["match"] is True
-        assert {m: results["strategies"].count(m) for m in chosen} == chosen, results["strategies"]
-        assert results["times"]["time_to_first_token_s"] > 0 and results["times"]["decode_per_token_s"] > 0
-        counts = results["cache"]["tokens_per_rank"]
-        assert results["prefill_tokens_per_s"] > 0 and max(counts) - min(counts) <= 1
-    if not list(local.home.glob("runs/*/*/checkpoints/step_000010.pt")):  # the train line, as the README runs it first
-        ok(local.run("ringctl launch +topology=2node workload=train workload.steps=10"))
-    ok(local.run(INFER_CHECKPOINT))
-    results = results_of(local.index()[-1])
-    assert results["config"]["workload"]["checkpoint"].endswith("checkpoints/step_000010.pt")
-    assert results["tokens_match_reference"] is True
-    # the trained weights, not the seed's: the one-process run from the checkpoint generates
-    # the job's tokens, and its logits are not those of the model the seed builds
-    from omegaconf import OmegaConf
-
-    from ringctl.workloads.infer import reference_generate
-
-    served = dict(results["config"]["workload"])
-    served["checkpoint"] = str(local.home / served["checkpoint"])  # as written: relative to the launch directory
-    tokens, logits = reference_generate(OmegaConf.create(served))
-    assert results["generated"] == tokens
-    _, seeded = reference_generate(OmegaConf.create({**served, "checkpoint": None}))
-    assert max(float((a - b).abs().max()) for a, b in zip(logits, seeded, strict=True)) > 1e-3
-
-
 def test_composing_without_submitting(local: Shell) -> None:
     jobs_before = len(local.index())  # the module's user folder holds other tests' jobs
     cfg = yaml.safe_load(ok(local.run("ringctl launch +topology=2node --cfg job")))
@@ -425,6 +384,48 @@ def test_train_example_and_its_metrics(local: Shell) -> None:
     assert set(shown) >= {"history", "summary", "run_file"}
     assert [row["train/loss"] for row in shown["history"]] == pytest.approx(losses, abs=0, rel=1e-12)
     assert shown["summary"]["train/loss"] == pytest.approx(losses[-1], rel=1e-12)
+
+
+def test_inference_examples(local: Shell) -> None:
+    """The inference section: both strategies priced with the crossover it quotes, sessions
+    whose tokens equal one process's with auto's choice per topology, a train checkpoint served."""
+    out = ok(local.run("ringctl plan +topology=emulated2node workload=infer"))
+    assert "pass_q <- auto" in out and "inference crossover: T/(T+P) = 0.203" in out, out
+    assert (local.home / "ringplan-emulated2node.png").stat().st_size > 0
+    info = json.loads(ok(local.run(INFER_PLAN_16)))["inference"]
+    assert info["choice"] == "pass_q" and round(info["crossover"], 3) == 0.146
+    modes = info["modes"]
+    assert (round(modes["pass_q"]["predicted_s"] * 1e3, 2), round(modes["pass_kv"]["predicted_s"] * 1e3, 2)) == (0.32, 1.42)
+    for command, chosen in (
+        ("ringctl launch +topology=2node workload=infer", {"pass_kv": 32}),
+        ("ringctl launch +topology=emulated2node workload=infer", {"pass_kv": 1, "pass_q": 31}),
+    ):
+        out = ok(local.run(command))
+        results = results_of(local.last_job(overrides=command.split()[2:]))
+        assert "identical" in out and results["tokens_match_reference"] is True and results["bytes"]["match"] is True
+        assert {m: results["strategies"].count(m) for m in chosen} == chosen, results["strategies"]
+        assert results["times"]["time_to_first_token_s"] > 0 and results["times"]["decode_per_token_s"] > 0
+        counts = results["cache"]["tokens_per_rank"]
+        assert results["prefill_tokens_per_s"] > 0 and max(counts) - min(counts) <= 1
+    # the README's train line ran just before (test_train_example_and_its_metrics); run alone, run it here
+    if not list(local.home.glob("runs/*/*/checkpoints/step_000010.pt")):
+        ok(local.run("ringctl launch +topology=2node workload=train workload.steps=10"))
+    ok(local.run(INFER_CHECKPOINT))
+    results = results_of(local.index()[-1])
+    assert results["config"]["workload"]["checkpoint"].endswith("checkpoints/step_000010.pt")
+    assert results["tokens_match_reference"] is True
+    # the trained weights, not the seed's: the one-process run from the checkpoint generates
+    # the job's tokens, and its logits are not those of the model the seed builds
+    from omegaconf import OmegaConf
+
+    from ringctl.workloads.infer import reference_generate
+
+    served = dict(results["config"]["workload"])
+    served["checkpoint"] = str(local.home / served["checkpoint"])  # as written: relative to the launch directory
+    tokens, logits = reference_generate(OmegaConf.create(served))
+    assert results["generated"] == tokens
+    _, seeded = reference_generate(OmegaConf.create({**served, "checkpoint": None}))
+    assert max(float((a - b).abs().max()) for a, b in zip(logits, seeded, strict=True)) > 1e-3
 
 
 def test_custom_workload_line(local: Shell) -> None:
