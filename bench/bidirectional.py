@@ -41,6 +41,7 @@ DIRECTIONS = ("one_way", "bidirectional", "tokenring")
 SHORT = {"one_way": "one", "bidirectional": "bi", "tokenring": "tr"}
 HEAD_DIM = 64
 INTER_LATENCY_US = 704.0  # emulated3node.yaml: bench/calibrate.py, a 4-byte hop
+SHARED_PORT_BYTES = 1 << 20  # per peer in the shared-port probe (ringctl calibrate: 2 x a K/V block)
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -59,13 +60,31 @@ def directions_for(kv_heads: int) -> tuple[str, ...]:
     return tuple(d for d in DIRECTIONS if d != "bidirectional" or kv_heads >= 2)
 
 
-def _topology(nodes: int, links: str, rate_GBps: float, tflops: float) -> Any:
+def _topology(nodes: int, links: str, rate_GBps: float, tflops: float, efficiency: float = 1.0) -> Any:
     from ringctl.topology import LinkClass, Topology
 
     return Topology(
-        (1,) * nodes, inter=LinkClass("inter", rate_GBps, INTER_LATENCY_US, links),
+        (1,) * nodes, inter=LinkClass("inter", rate_GBps, INTER_LATENCY_US, links, shared_port_efficiency=efficiency),
         compute_tflops=tflops, name=f"emulated{nodes}node-{links}",
     )  # fmt: skip
+
+
+def measure_efficiency(rank: int, world: int) -> dict[str, float] | None:
+    """The switch port's efficiency under flows to two peers (topology.inter.
+    shared_port_efficiency), as `ringctl calibrate` measures it: SHARED_PORT_BYTES to the
+    next and to the previous rank at once against twice that to the next alone, every rank
+    at once. None below three ranks (next and previous are one peer)."""
+    import torch
+
+    from ringctl.workloads.calibrate import hop_seconds, shared_port_efficiency, two_peer_hop_seconds
+
+    if world < 3:
+        return None
+    peers = ((rank + 1) % world, (rank - 1) % world)
+    cpu = torch.device("cpu")
+    one = hop_seconds(2 * SHARED_PORT_BYTES, peers, cpu, repeats=5)
+    two = two_peer_hop_seconds(SHARED_PORT_BYTES, peers, cpu, repeats=5)
+    return {"one_peer_s": one, "two_peers_s": two, "efficiency": shared_port_efficiency(one, two)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -104,6 +123,9 @@ def worker(args: argparse.Namespace) -> None:
         spec = _RingSpec(None, make_schedule(one, 0), "contiguous", MaskSpec(None, False, (-1, -1)), HEAD_DIM**-0.5)
         return _RingAttention.apply(q_, k_, v_, spec)
 
+    # a switch: how much of a port's rate flows to two peers at once get (a mesh has none)
+    probe = measure_efficiency(rank, world) if args.links == "switch" else None
+    efficiency = probe["efficiency"] if probe else 1.0
     results: dict[str, dict[str, object]] = {}
     for shape in args.shapes:
         heads, kv_heads = parse_shape(shape)
@@ -115,9 +137,11 @@ def worker(args: argparse.Namespace) -> None:
         compute_s = statistics.median(call(None, tensors) for _ in range(2))
         # fwd + bwd FLOPs of one block: 4 S^2 H D forward, 2.5 x that backward (plan.BACKWARD_FLOP_RATIO)
         tflops = 3.5 * 4 * s * s * heads * HEAD_DIM / compute_s / 1e12
-        topo = _topology(world, args.links, args.rate_GBps, tflops)
+        topo = _topology(world, args.links, args.rate_GBps, tflops, efficiency)
         directions = directions_for(kv_heads)
         plans = {d: make_plan(topo, layout="contiguous", direction=d) for d in directions}
+        one_rate = _topology(world, args.links, args.rate_GBps, tflops)  # the model without the probe's figure
+        plans1 = {d: make_plan(one_rate, layout="contiguous", direction=d) for d in directions}
         for d in directions:  # warm-up: connections, buffers
             call(plans[d], tensors)
         times: dict[str, list[float]] = {d: [] for d in directions}
@@ -137,6 +161,9 @@ def worker(args: argparse.Namespace) -> None:
         results[shape] = {
             "times": times, "compute_s": compute_s, "tflops": tflops, "bytes_match_plan": bool(ok),
             "predicted": {d: estimate(p, workload).total_s for d, p in plans.items()}, "auto": auto.direction,
+            "predicted_full_rate": {d: estimate(p, workload).total_s for d, p in plans1.items()},
+            "auto_full_rate": make_plan(one_rate, layout="contiguous", direction="auto", workload=workload).direction,
+            "efficiency": efficiency, "probe": probe,
         }  # fmt: skip
     if rank == 0:
         print(json.dumps({"shapes": results}), flush=True)
@@ -181,6 +208,7 @@ def format_row(nodes: int, links: str, shape: str, res: dict[str, Any]) -> str:
     """One table row (the header's columns; "-" where the shape cannot run a direction)."""
     got = summarise(res)
     med, ratio, err, pred = got["median"], got["ratio"], got["error"], res["predicted"]
+    err1 = {d: res["predicted_full_rate"][d] / med[d] - 1 for d in med}
     return (
         f"{nodes:5d} {links:>6s} {shape:>6s} "
         + " ".join(_cell(med, d, "6.2f", 6) for d in DIRECTIONS)
@@ -189,7 +217,11 @@ def format_row(nodes: int, links: str, shape: str, res: dict[str, Any]) -> str:
         f"{_cell(pred, 'tokenring', '7.2f', 7)} {_cell(err, 'one_way', '+7.0%', 7)} "
         f"{_cell(err, 'bidirectional', '+6.0%', 6)} {_cell(err, 'tokenring', '+6.0%', 6)} "
         f"{res['auto']:>13s} {got['fastest']:>13s} {got['auto_over_fastest']:9.2f} "
-        f"{'=plan' if res['bytes_match_plan'] else 'MISMATCH'}  (block compute {res['compute_s']:.3f} s)"
+        f"{'=plan' if res['bytes_match_plan'] else 'MISMATCH'}  (block compute {res['compute_s']:.3f} s; "
+        f"port efficiency {res['efficiency']:.3f}"
+        + ("" if res["efficiency"] == 1.0 and not res["probe"] else
+           f", at 1.0: err one/bi/tr {'/'.join(_cell(err1, d, '+.0%', 1) for d in DIRECTIONS)}, auto {res['auto_full_rate']}")
+        + ")"
     )
 
 

@@ -10,12 +10,18 @@ srun and writes the figures into the scenario's topology YAML keeping its commen
     python bench/calibrate.py --local 2x2 --seq-len 8192 [--write conf/topology/emulated2node.yaml]
 
 Rank 0 prints one JSON object: `compute` (block computes + merges of one ring pass, with
-ring hops in flight and with idle links), `ring` (ringctl's own ring forward, hierarchical
-plan: what `--write` uses as compute_tflops; pick --seq-len so its transfers hide behind
-compute), `intra` and `inter` (latency; bandwidth per flow with every rank sending),
-`inter_one_lane` and `nics`. `--write CONFIG` puts compute_tflops, intra's bandwidth and
-latency and inter's latency into that topology YAML (inter's bandwidth stays the fabric's
-tbf rate, so the plan prices the link the fabric emulates). To write a whole topology file
+ring hops in flight and with idle links; the K/V streaming rate, memory_bandwidth_GBps;
+`ring_step`: the ring on 8-token blocks less the model's prediction without a fixed cost,
+per step, step_overhead_us, measured after the links), `ring` (ringctl's own ring forward,
+hierarchical plan: what `--write` uses as compute_tflops, less step_overhead_us per step;
+pick --seq-len so its transfers hide behind compute), `intra` and `inter` (latency;
+bandwidth per flow with every rank sending), `inter_one_lane`, `inter_shared_port` (3+
+nodes: a NIC's efficiency with two peers at once) and `nics`. `--write CONFIG` puts
+compute_tflops, step_overhead_us, memory_bandwidth_GBps, intra's bandwidth and latency,
+inter's latency and (3+ nodes) inter's shared_port_efficiency into that topology YAML,
+adding a missing step_overhead_us / memory_bandwidth_GBps (after step_overhead_us) /
+shared_port_efficiency line (inter's bandwidth stays the fabric's tbf
+rate, so the plan prices the link the fabric emulates). To write a whole topology file
 from a job instead: `ringctl calibrate`.
 """
 
@@ -40,6 +46,8 @@ from ringctl.workloads.calibrate import (
     measure_compute,
     measure_links,
     measure_ring_forward,
+    measure_step_overhead,
+    model_topology,
 )
 
 REPEATS = 5
@@ -55,6 +63,14 @@ def worker(rank: int, world: int, node_name: str, shape: Shape, store_dir: str) 
         topology = Topology.discover(names)
         cpu = torch.device("cpu")
         order = [r for ranks in topology.ranks_of_nodes() for r in ranks]  # the flat node-order ring
+        compute = measure_compute(
+            shape, order.index(rank), world, cpu, repeats=REPEATS, busy_peers=flat_ring_peers(topology, rank), busy=world > 1,
+        )
+        links = measure_links(shape, topology, rank, cpu, repeats=REPEATS)
+        # the fixed cost per ring step: the ring on tiny blocks less the model's prediction
+        # without it, whose hops are priced with the links just measured
+        step = measure_step_overhead(shape, model_topology(topology, compute, links), rank, cpu, repeats=REPEATS)
+        compute["ring_step"], compute["step_overhead_us"] = step, step["step_overhead_us"]
         result = {
             "world_size": world,
             "nodes": topology.nodes,
@@ -62,12 +78,10 @@ def worker(rank: int, world: int, node_name: str, shape: Shape, store_dir: str) 
             "torch_threads": torch.get_num_threads(),
             "shape": shape.__dict__,
             "block_tokens": shape.block_tokens(world),
-            "compute": measure_compute(
-                shape, order.index(rank), world, cpu, repeats=REPEATS,
-                busy_peers=flat_ring_peers(topology, rank), busy=world > 1,
-            ),
-            "ring": measure_ring_forward(shape, topology, rank, cpu),
-            **measure_links(shape, topology, rank, cpu, repeats=REPEATS),
+            "compute": compute,
+            # its rate less the same fixed cost per step, as the topology prices it apart
+            "ring": measure_ring_forward(shape, topology, rank, cpu, step_overhead_s=step["step_overhead_us"] * 1e-6),
+            **links,
         }
         dist.barrier()
         return result if rank == 0 else None
@@ -109,10 +123,49 @@ def _set(text: str, pattern: str, value: str, path: Path) -> str:
     return new
 
 
+def _set_or_add(
+    text: str, section: str | None, key: str, value: str, comment: str, path: Path, after: str = "compute_tflops"
+) -> str:
+    """Replace `key`'s value (top level, or inside the `section:` block), its comment kept;
+    a file without the key gets it as the block's last line (top level: after the `after`
+    line, compute_tflops by default), with `comment`."""
+    indent = "  " if section else ""
+    if section is None:
+        block = re.search(rf"^{after}:.*\n", text, flags=re.MULTILINE)
+        if block is None:
+            raise ValueError(f"{path}: no line matches '{after}:'; cannot write the calibration")
+    else:
+        block = re.search(rf"^{section}:.*\n(?:(?:  .*)?\n)*", text, flags=re.MULTILINE)
+        if block is None:
+            raise ValueError(f"{path}: no {section!r} block; cannot write the calibration")
+    found = re.compile(rf"^({indent}{key}:\s*)(\S+)(.*)$", flags=re.MULTILINE)
+    start, end = (block.start(), block.end()) if section else (0, len(text))
+    if found.search(text, start, end):
+        head, tail = text[:start], text[start:end]
+        return head + found.sub(lambda m: f"{m.group(1)}{value}{m.group(3)}", tail, count=1) + text[end:]
+    body = block.group(0).rstrip("\n")
+    line = f"{indent}{key}: {value}    # {comment}"
+    return text[: block.start()] + body + "\n" + line + "\n" + text[block.start() + len(body) + 1:]
+
+
 def write_config(path: Path, result: dict[str, Any]) -> None:
-    """compute_tflops, intra bandwidth/latency and inter latency into the YAML, comments kept."""
+    """compute_tflops, step_overhead_us, memory_bandwidth_GBps (null when not measurable),
+    intra bandwidth/latency, inter latency and (3+ nodes) inter's shared_port_efficiency
+    into the YAML, comments kept (a missing step_overhead_us, memory_bandwidth_GBps or
+    shared_port_efficiency line is added)."""
     text = path.read_text()
     text = _set(text, r"^(compute_tflops:\s*)(\S+)(.*)$", f"{result['ring']['compute_tflops']:.3g}", path)
+    compute = result["compute"]
+    text = _set_or_add(
+        text, None, "step_overhead_us", f"{compute['step_overhead_us']:.4g}",
+        "fixed cost per ring step besides FLOPs (the ring on 8-token blocks less the model): bench/calibrate.py", path,
+    )
+    bandwidth = compute.get("memory_bandwidth_GBps")
+    text = _set_or_add(
+        text, None, "memory_bandwidth_GBps", "null" if bandwidth is None else f"{bandwidth:.4g}",
+        "GB/s a rank streams K/V (1 query over a shard's keys less over 8; null: FLOPs only): bench/calibrate.py",
+        path, after="step_overhead_us",
+    )
     intra = result.get("intra")
     if intra:
         text = _set(text, r"^(  bandwidth_GBps:\s*)(\S+)(\s*# intra.*)$", f"{intra['bandwidth_GBps']:.3g}", path)
@@ -120,6 +173,12 @@ def write_config(path: Path, result: dict[str, Any]) -> None:
     inter = result.get("inter")
     if inter:  # the bandwidth stays the fabric's tbf rate; only the start-up cost is measured
         text = _set(text, r"^(  latency_us:\s*)(\S+)(\s*# inter.*)$", f"{inter['latency_us']:.3g}", path)
+    shared = result.get("inter_shared_port")
+    if shared:
+        text = _set_or_add(
+            text, "inter", "shared_port_efficiency", f"{shared['efficiency']:.3g}",
+            "inter: measured by bench/calibrate.py (one peer's time / two peers' at once through a NIC)", path,
+        )
     path.write_text(text)
 
 
@@ -159,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2))
     for path in args.write:
         write_config(path, result)
-        print(f"calibrate: wrote compute_tflops and intra into {path}", file=sys.stderr)
+        print(f"calibrate: wrote compute_tflops, step_overhead_us, memory_bandwidth_GBps, intra and inter into {path}",
+              file=sys.stderr)
     return 0
 
 

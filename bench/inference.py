@@ -9,11 +9,16 @@ eth0) fills a ``RingKVCache`` (zigzag, GQA Hq = 4 Hkv, float32, one layer) with 
 tokens, appends T new ones, and times ``cached_attention`` for T/(T+P) in {1, 0.25, 0.05,
 0.01} at the same T + P, with mode pass_kv, pass_q and auto in interleaved rounds (the
 order rotates every round; every point in every round), reporting the slowest rank's
-seconds per call. The job first measures the block compute rate (a ring of one per rank,
-all ranks at once, on a shard's full causal prefill), builds a Topology whose inter link
-is the fabric's tbf rate and calibrated latency, and asks the planner
-(ringctl.infer_plan) for both predictions and auto's choice. Bytes each rank sends are
-checked against ``predicted_infer_bytes`` in every call.
+seconds per call. The job first measures the compute model's three figures (a ring of one
+per rank, all ranks at once, for the first two): the FLOP rate (a shard's full causal
+prefill), the rate K/V stream when queries are few (one new token over a shard of cached
+ones, less one over a few: ``memory_bandwidth_GBps``) and the fixed cost of a ring step
+(calls on the ring whose blocks are tiny, less the model's prediction for them without it,
+per step: ``step_overhead_us``). It builds a Topology with them whose inter link is the
+fabric's tbf rate and calibrated latency, and asks the planner (ringctl.infer_plan) for
+both predictions and auto's choice; the FLOPs-only model's errors (``err0``: no fixed cost,
+no streaming term) are printed beside them. Bytes each rank sends are checked against
+``predicted_infer_bytes`` in every call.
 
 Goals (issue 12): at T/(T+P) = 0.01 pass-Q <= 0.25x pass-KV; at a full prefill pass-KV
 <= pass-Q; auto within 10% of the faster measured strategy at every point; predictions
@@ -40,6 +45,7 @@ FRACTIONS = (1.0, 0.25, 0.05, 0.01)
 GQA = 4  # Hq = GQA x Hkv
 INTER_LATENCY_US = 704.0  # emulated3node.yaml: bench/calibrate.py, a 4-byte hop
 LAYOUT = "zigzag"
+TINY = 8  # cached tokens per rank of the step-overhead probe
 
 
 def points(context: int, fractions: tuple[float, ...] = FRACTIONS) -> list[tuple[int, int]]:
@@ -93,12 +99,12 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the srun task
 
 
-def _topology(nodes: int, rate: float, tflops: float) -> Any:
+def _topology(nodes: int, rate: float, tflops: float, step_overhead_us: float = 0.0, memory_GBps: float | None = None) -> Any:
     from ringctl.topology import LinkClass, Topology
 
     return Topology(
-        (1,) * nodes, inter=LinkClass("inter", rate, INTER_LATENCY_US, "switch"),
-        compute_tflops=tflops, name=f"emulated{nodes}node",
+        (1,) * nodes, inter=LinkClass("inter", rate, INTER_LATENCY_US, "switch"), compute_tflops=tflops,
+        step_overhead_us=step_overhead_us, memory_bandwidth_GBps=memory_GBps, name=f"emulated{nodes}node",
     )  # fmt: skip
 
 
@@ -110,7 +116,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from ringctl.infer_plan import InferWorkload, choose_mode, estimate_infer, predicted_infer_bytes
-    from ringctl.plan import make_plan
+    from ringctl.plan import _kv_bytes, make_plan
     from ringctl.ring import comm_stats, reset_comm_stats
     from ringctl.ring.inference import cached_attention
     from ringctl.ring.kv_cache import RingKVCache
@@ -138,17 +144,45 @@ def worker(args: argparse.Namespace) -> None:
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
         return float(took)
 
-    # compute rate: a ring of one per rank (its own group), a shard's full causal prefill,
-    # every rank at once (so the cores are shared as in the ring)
+    # the compute model's three figures, on a ring of one per rank (its own group; every
+    # rank at once, so the cores are shared as in the ring) and on the ring itself:
+    # - FLOP rate: a shard's full causal prefill, alone;
+    # - K/V streaming rate: one new token over a shard of cached ones (FLOPs nil: the keys'
+    #   bytes decide), less one new token over TINY cached ones (the call's fixed cost);
+    # - fixed cost of a ring step: calls on the ring whose blocks are tiny (one new token per
+    #   rank over TINY cached ones each), less what the model predicts for them without it
+    #   (hop latencies, mostly), per step, both modes averaged: what a step costs besides
+    #   FLOPs and bytes on these shared cores (Python, kernel calls, merges, gloo waking).
     solos = [dist.new_group([r]) for r in range(world)]
     shard = args.context // world
-    solo = RingKVCache(layers=1, batch=B, kv_heads=hkv, head_dim=D, capacity=shard, dtype=torch.float32,
-                       layout=LAYOUT, group=solos[rank])  # fmt: skip
-    q_solo = fill(solo, shard, 0)
-    timed(lambda: cached_attention(q_solo, solo, 0, mode="pass_kv"))  # warm-up
-    compute_s = statistics.median(timed(lambda: cached_attention(q_solo, solo, 0, mode="pass_kv")) for _ in range(3))
+
+    def solo_call(new: int, cached: int, repeats: int) -> float:
+        solo = RingKVCache(layers=1, batch=B, kv_heads=hkv, head_dim=D, capacity=new + cached, dtype=torch.float32,
+                           layout=LAYOUT, group=solos[rank])  # fmt: skip
+        q_solo = fill(solo, new, cached)
+        timed(lambda: cached_attention(q_solo, solo, 0, mode="pass_kv"))  # warm-up
+        return statistics.median(timed(lambda: cached_attention(q_solo, solo, 0, mode="pass_kv")) for _ in range(repeats))
+
+    compute_s = solo_call(shard, 0, 3)
     tflops = 4 * B * hq * D * (shard * (shard + 1) // 2) / compute_s / 1e12
-    plan = make_plan(_topology(world, args.rate_GBps, tflops), layout=LAYOUT, algorithm="flat")
+    stream_s = solo_call(1, shard, 7) - solo_call(1, TINY, 7)
+    bandwidth = _kv_bytes(B, shard + 1, hkv, D, 4) / stream_s / 1e9 if stream_s > 0 else None
+    plan = make_plan(_topology(world, args.rate_GBps, tflops, 0.0, bandwidth), layout=LAYOUT, algorithm="flat")
+    tiny = RingKVCache(layers=1, batch=B, kv_heads=hkv, head_dim=D, capacity=world * (TINY + 1),
+                       dtype=torch.float32, layout=LAYOUT, plan=plan)  # fmt: skip
+    q_tiny = fill(tiny, world, world * TINY)
+    w_tiny = InferWorkload(batch=B, new_tokens=world, cached_tokens=world * TINY, heads=hq, kv_heads=hkv, head_dim=D,
+                           dtype="float32", layout=LAYOUT)  # fmt: skip
+    assert tiny.turn is not None
+    zero = estimate_infer(plan, w_tiny, turn=tiny.turn.turn)
+    residual = []
+    for mode in ("pass_kv", "pass_q"):
+        cached_attention(q_tiny, tiny, 0, mode=mode)  # warm-up
+        took = statistics.median(timed(lambda: cached_attention(q_tiny, tiny, 0, mode=mode)) for _ in range(7))  # noqa: B023
+        residual.append((took - zero[mode].predicted_s) / world)
+    overhead_s = max(0.0, statistics.mean(residual))
+    flops_only = make_plan(_topology(world, args.rate_GBps, tflops), layout=LAYOUT, algorithm="flat")
+    plan = make_plan(_topology(world, args.rate_GBps, tflops, overhead_s * 1e6, bandwidth), layout=LAYOUT, algorithm="flat")
 
     cases: list[dict[str, Any]] = []
     for new, cached in points(args.context):
@@ -160,10 +194,11 @@ def worker(args: argparse.Namespace) -> None:
         w = InferWorkload(batch=B, new_tokens=new, cached_tokens=cached, heads=hq, kv_heads=hkv, head_dim=D,
                           dtype="float32", layout=LAYOUT)  # fmt: skip
         costs = estimate_infer(plan, w, turn=turn.turn)
+        costs0 = estimate_infer(flops_only, w, turn=turn.turn)
         auto = choose_mode(plan, w, turn=turn.turn)
         want = {m: predicted_infer_bytes(plan, w, m, turn=turn.turn) for m in ("pass_kv", "pass_q")}
         want["auto"] = want[auto]
-        cases.append({"new": new, "cached": cached, "cache": cache, "q": q, "costs": costs, "auto": auto,
+        cases.append({"new": new, "cached": cached, "cache": cache, "q": q, "costs": costs, "costs0": costs0, "auto": auto,
                       "want": want, "times": {m: [] for m in MODES}})  # fmt: skip
         for mode in MODES:  # warm-up: connections, the shape check's all_gather
             cached_attention(q, cache, 0, mode=mode)
@@ -182,10 +217,13 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         print(json.dumps({
             "compute_s": compute_s, "tflops": tflops, "shard": shard, "bytes_match_plan": bool(ok),
+            "step_overhead_s": overhead_s, "memory_GBps": bandwidth,
+            "stream_s": stream_s,
             "points": [{
                 "new": c["new"], "cached": c["cached"], "times": c["times"], "auto": c["auto"],
                 "predicted": {m: cost.predicted_s for m, cost in c["costs"].items()},
                 "predicted_compute": {m: cost.compute_s for m, cost in c["costs"].items()},
+                "predicted_flops_only": {m: cost.predicted_s for m, cost in c["costs0"].items()},
                 "bytes_rank0": {m: c["want"][m]["inter"][0] for m in ("pass_kv", "pass_q")},
             } for c in cases],
         }), flush=True)  # fmt: skip
@@ -217,12 +255,15 @@ def _load() -> str:
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Print the table; returns the per-point rows (medians) that `goals` reads."""
-    print(f"block compute: a {res['shard']}-token causal prefill on a ring of one, {res['compute_s'] * 1e3:.1f} ms "
-          f"({res['tflops'] * 1e3:.1f} GFLOP/s per rank); bytes each call "
+    print(f"block compute: a {res['shard']}-token causal prefill on a ring of one, {res['compute_s'] * 1e3:.1f} ms; "
+          f"fixed cost of a ring step (1 token per rank over {TINY}) {res['step_overhead_s'] * 1e3:.1f} ms; "
+          f"K/V streamed at {res['memory_GBps'] or 0:.3f} GB/s (1 token over {res['shard']}: "
+          f"{res['stream_s'] * 1e3:.1f} ms past the fixed cost); "
+          f"{res['tflops'] * 1e3:.1f} GFLOP/s per rank; bytes each call "
           f"{'= plan' if res['bytes_match_plan'] else 'MISMATCH plan'}")  # fmt: skip
     print(f"{'T/(T+P)':>7s} {'T':>5s} {'P':>5s} {'kv s':>7s} {'q s':>7s} {'auto s':>7s} {'q/kv':>5s} "
           f"{'pred kv':>7s} {'pred q':>7s} {'err kv':>6s} {'err q':>6s} {'auto':>7s} {'fastest':>7s} "
-          f"{'auto/f':>6s} {'kv MB':>6s} {'q MB':>6s}")  # fmt: skip
+          f"{'auto/f':>6s} {'kv MB':>6s} {'q MB':>6s} {'err0 kv':>7s} {'err0 q':>6s}")  # fmt: skip
     rows = []
     for target, p in zip(FRACTIONS, res["points"], strict=True):
         med = {m: statistics.median(p["times"][m]) for m in MODES}
@@ -230,11 +271,12 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]
         frac = p["new"] / (p["new"] + p["cached"])
         fastest = min(("pass_kv", "pass_q"), key=lambda m: med[m])
         err = {m: pred[m] / med[m] - 1 for m in ("pass_kv", "pass_q")}
+        err0 = {m: p["predicted_flops_only"][m] / med[m] - 1 for m in ("pass_kv", "pass_q")}
         print(f"{frac:7.2f} {p['new']:5d} {p['cached']:5d} {med['pass_kv']:7.3f} {med['pass_q']:7.3f} "
               f"{med['auto']:7.3f} {med['pass_q'] / med['pass_kv']:5.2f} {pred['pass_kv']:7.3f} {pred['pass_q']:7.3f} "
               f"{err['pass_kv']:+6.0%} {err['pass_q']:+6.0%} {p['auto']:>7s} {fastest:>7s} "
               f"{med['auto'] / med[fastest]:6.2f} {p['bytes_rank0']['pass_kv'] / 1e6:6.2f} "
-              f"{p['bytes_rank0']['pass_q'] / 1e6:6.2f}")  # fmt: skip
+              f"{p['bytes_rank0']['pass_q'] / 1e6:6.2f} {err0['pass_kv']:+7.0%} {err0['pass_q']:+6.0%}")  # fmt: skip
         rows.append({"fraction": target, "measured": med, "predicted": pred})
     return rows
 

@@ -49,6 +49,9 @@ class LinkConfig:
     latency_us: float = MISSING
     # switch: one port per rank (intra) / NIC (inter) into a switch | mesh: a link per pair
     links: str = MISSING
+    # share of a switch port's rate flows to/from several peers at once get together
+    # (1.0: credit-based fabrics; below 1: TCP over a rate-limited port; calibrate measures it)
+    shared_port_efficiency: float = MISSING
 
 
 @dataclass
@@ -73,6 +76,10 @@ class TopologyConfig:
     distribution: str = MISSING
     virtual_node_size: int | None = MISSING
     compute_tflops: float = MISSING
+    # fixed microseconds of one ring step's compute besides its FLOPs (launches, merge, Python)
+    step_overhead_us: float = MISSING
+    # GB/s a rank's attention streams K/V (bounds few-query blocks: decode); null: FLOPs only
+    memory_bandwidth_GBps: float | None = MISSING
     # GB (1e9 bytes) one rank may fill: device memory per GPU rank, a share of host RAM per
     # CPU rank; launch refuses a job whose predicted peak exceeds it. null: unknown, unchecked
     memory_per_rank_GB: float | None = MISSING

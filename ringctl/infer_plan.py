@@ -40,6 +40,7 @@ from ringctl.plan import (
     _ring_time,
     _slowest,
     _topology_of,
+    step_compute,
 )
 from ringctl.topology import LINKS, setting
 
@@ -133,7 +134,7 @@ class InferCost:
     comm_stats count under phase "forward"); ``bytes_per_step``: all ranks together per link
     class in one steady ring step (every hop carrying its block and the accumulator behind
     it; hierarchical: the outer step's inter bytes / L, as RingPlan.bytes_per_step).
-    ``step_compute_s[s]``: ring step s's busiest position's compute."""
+    ``step_compute_s[s]``: ring step s's slowest position's compute (ringctl.plan.step_compute)."""
 
     mode: str
     new_tokens: int
@@ -232,13 +233,28 @@ def _sources(plan_key: tuple[str, int, int, int]) -> tuple[tuple[int, ...], ...]
     return tuple(tuple(row) for row in ring_sources(levels, world))
 
 
-def _busiest(plan: RingPlan, matrix: list[list[int]], mode: str) -> list[int]:
-    """The busiest position's pairs at each ring step: pass-KV, its own queries against
-    the keys it holds; pass-Q, the queries it holds against its own keys."""
+def _steps(
+    plan: RingPlan, w: InferWorkload, turn: Turn, matrix: list[list[int]], mode: str
+) -> tuple[list[int], list[float]]:
+    """Per ring step, the busiest position's pairs and the slowest position's compute
+    (``step_compute``: FLOPs, or streaming the keys it reads, and the fixed cost). pass-KV:
+    a position's own queries against the block it holds (that source's keys); pass-Q: the
+    queries it holds against its own keys."""
+    topo = _topology_of(plan)
+    per_pair = 4 * w.batch * w.heads * w.head_dim / (topo.compute_tflops * 1e12)
+    keys = turn.held_after
     sources = _sources((plan.algorithm, plan.world_size, plan.nodes, plan.inner_size))
-    if mode == "pass_kv":
-        return [max(matrix[p][src] for p, src in enumerate(row)) for row in sources]
-    return [max(matrix[src][p] for p, src in enumerate(row)) for row in sources]
+    pairs, computes = [], []
+    for row in sources:
+        work = [
+            (matrix[p][src], keys[src]) if mode == "pass_kv" else (matrix[src][p], keys[p]) for p, src in enumerate(row)
+        ]
+        pairs.append(max(n for n, _rows in work))
+        computes.append(max(
+            step_compute(topo, per_pair * n, _kv_bytes(w.batch, rows, w.kv_heads, w.head_dim, w.dtype_bytes))
+            for n, rows in work
+        ))  # fmt: skip
+    return pairs, computes
 
 
 # ---- bytes ---------------------------------------------------------------------------
@@ -301,8 +317,6 @@ def estimate_infer(plan: RingPlan, w: InferWorkload, turn: Turn | None = None) -
     prefill of P cached ones."""
     turn = _turn_of(plan, w, turn)
     topo = _topology_of(plan)
-    rate = topo.compute_tflops * 1e12
-    per_pair = 4 * w.batch * w.heads * w.head_dim / rate
     matrix = pairs_matrix(turn)
     visible = sum(map(sum, matrix))
     W = plan.world_size
@@ -321,8 +335,7 @@ def estimate_infer(plan: RingPlan, w: InferWorkload, turn: Turn | None = None) -
     for mode in INFER_MODES:
         rows, block, acc = _blocks(w, turn, mode)
         moving = block + acc  # a steady step: this hop's block and the accumulator behind it
-        busy = _busiest(plan, matrix, mode)
-        computes = [per_pair * n for n in busy]
+        busy, computes = _steps(plan, w, turn, matrix, mode)
         if plan.algorithm == "flat" or W == 1:
             total = _ring_time(computes, _slowest(every, moving), _slowest(every, acc))
         else:  # each outer step: the inner ring over that step's L blocks, as for documents

@@ -45,6 +45,7 @@ def link_kwargs(topology_cfg: Any) -> dict[str, Any]:
     return {
         "intra": base.intra, "inter": base.inter,
         "nics_per_node": base.nics_per_node, "compute_tflops": base.compute_tflops,
+        "step_overhead_us": base.step_overhead_us, "memory_bandwidth_GBps": base.memory_bandwidth_GBps,
         "memory_per_rank_GB": base.memory_per_rank_GB,
     }
 

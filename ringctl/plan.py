@@ -709,19 +709,12 @@ def _link_factors(plan: RingPlan, topo: Topology, fractions: tuple[float, ...], 
         if r == ring
     ]
     node = plan.rank_to_node
-    port_out: dict[tuple[str, int], float] = {}
-    port_in: dict[tuple[str, int], float] = {}
-    nic_out: dict[int, float] = {}
-    nic_in: dict[int, float] = {}
+    ports = _Ports(topo)
     pair: dict[tuple[str, int, int], float] = {}
     for src, dst, link, frac in flows:
-        port_out[(link, src)] = port_out.get((link, src), 0.0) + frac
-        port_in[(link, dst)] = port_in.get((link, dst), 0.0) + frac
+        ports.add(link, src, dst, node[src], node[dst], frac)
         ends = (node[src], node[dst]) if link == "inter" else (src, dst)
         pair[(link, *ends)] = pair.get((link, *ends), 0.0) + frac
-        if link == "inter":
-            nic_out[node[src]] = nic_out.get(node[src], 0.0) + frac
-            nic_in[node[dst]] = nic_in.get(node[dst], 0.0) + frac
     factors: dict[str, set[float]] = {link: set() for link in LINKS}
     worst = 0.0
     for src, dst, link, _frac in flows:
@@ -729,14 +722,39 @@ def _link_factors(plan: RingPlan, topo: Topology, fractions: tuple[float, ...], 
         if topo.link(link).links == "mesh":
             factor = pair[(link, *ends)]
         else:
-            factor = max(port_out[(link, src)], port_in[(link, dst)])
+            factor = max(ports.load((link, "out", src)), ports.load((link, "in", dst)))
         if link == "inter":
-            nics = max(nic_out[node[src]], nic_in[node[dst]]) / topo.nics_per_node
-            worst = max(worst, nics)
+            nic_keys = (("inter", "nic_out", node[src]), ("inter", "nic_in", node[dst]))
+            worst = max(worst, max(ports.raw[k] for k in nic_keys) / topo.nics_per_node)
             if topo.inter.links == "switch":
-                factor = max(factor, nics)
+                factor = max(factor, max(ports.load(k) for k in nic_keys) / topo.nics_per_node)
         factors[link].add(round(factor, 12))
     return factors, worst
+
+
+class _Ports:
+    """What the switch resources under a set of simultaneous flows carry: each rank's port
+    per link class, out and in, and (inter) each node's NICs, out and in. ``load(key)``:
+    bytes (or blocks) on it, over the link class's ``shared_port_efficiency`` when flows to
+    or from two or more peers meet there (peer ranks at a port, peer nodes at a NIC)."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.raw: dict[tuple[str, str, int], float] = {}
+        self.peers: dict[tuple[str, str, int], set[int]] = {}
+
+    def add(self, link: str, src: int, dst: int, src_node: int, dst_node: int, amount: float) -> None:
+        sides = [("out", src, dst), ("in", dst, src)]
+        if link == "inter":
+            sides += [("nic_out", src_node, dst_node), ("nic_in", dst_node, src_node)]
+        for side, at, peer in sides:
+            key = (link, side, at)
+            self.raw[key] = self.raw.get(key, 0.0) + amount
+            self.peers.setdefault(key, set()).add(peer)
+
+    def load(self, key: tuple[str, str, int]) -> float:
+        shared = len(self.peers[key]) > 1 and self.topo.link(key[0]).links == "switch"
+        return self.raw[key] / (self.topo.link(key[0]).shared_port_efficiency if shared else 1.0)
 
 
 def _flat_paths(plan: RingPlan, topo: Topology, fractions: tuple[float, ...] = (1.0,)) -> tuple[dict[str, list[_Path]], float]:
@@ -763,9 +781,9 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
     rate = topo.compute_tflops * 1e12
     pair_fwd = 4 * w.batch * w.heads * w.head_dim * causal_factor / rate  # seconds per (q, k) pair
     pair = {"forward": pair_fwd, "backward": BACKWARD_FLOP_RATIO * pair_fwd}
-    c = {phase: pair[phase] * s * s for phase in PHASES}
     db, acc = w.dtype_bytes, _acc_bytes(w.dtype_bytes)
     kv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, db)
+    c = {phase: step_compute(topo, pair[phase] * s * s, kv) for phase in PHASES}
     dkv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, acc)
     per_token = {"forward": kv / s, "backward": (kv + dkv) / s}
     totals = {
@@ -790,9 +808,9 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
             fwd = (W - 1) * step + c["forward"]
             bwd = (W - 1) * max(c["backward"], t_both) + c["backward"] + t_dkv
         if docs is not None:
-            busy = [4 * w.batch * w.heads * w.head_dim / rate * n for n in docs["busiest_pairs_per_step"]]
-            fwd = _ring_time(busy, t_kv, 0.0)
-            bwd = _ring_time([BACKWARD_FLOP_RATIO * x for x in busy], t_both, t_dkv)
+            busy = _busy_computes(topo, w, docs["busiest_pairs_per_step"])
+            fwd = _ring_time(busy["forward"], t_kv, 0.0)
+            bwd = _ring_time(busy["backward"], t_both, t_dkv)
         need = {
             phase: {link: max((_min_block(pair[phase], per_token[phase], p) for p in paths[link]), default=0) for link in LINKS}
             for phase in PHASES
@@ -816,14 +834,13 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
         fwd = (N - 1) * max(ring_f, _slowest(outer, kv)) + ring_f
         bwd = (N - 1) * max(ring_b, _slowest(outer, kv + dkv)) + ring_b + _slowest(outer, dkv)
         if docs is not None:  # each outer step: the inner ring over that step's L blocks
-            busy = [4 * w.batch * w.heads * w.head_dim / rate * n for n in docs["busiest_pairs_per_step"]]
-            rings = [busy[o * L : (o + 1) * L] for o in range(N)]
+            busy = _busy_computes(topo, w, docs["busiest_pairs_per_step"])
+            rings = {phase: [busy[phase][o * L : (o + 1) * L] for o in range(N)] for phase in PHASES}
             fwd = _ring_time(
-                [_ring_time(r, _slowest(inner, kv), 0.0) for r in rings], _slowest(outer, kv), 0.0
+                [_ring_time(r, _slowest(inner, kv), 0.0) for r in rings["forward"]], _slowest(outer, kv), 0.0
             )
             bwd = _ring_time(
-                [_ring_time([BACKWARD_FLOP_RATIO * x for x in r], _slowest(inner, kv + dkv),
-                            _slowest(inner, dkv)) for r in rings],
+                [_ring_time(r, _slowest(inner, kv + dkv), _slowest(inner, dkv)) for r in rings["backward"]],
                 _slowest(outer, kv + dkv), _slowest(outer, dkv),
             )  # fmt: skip
         step = max(ring_f, _slowest(outer, kv)) / L if N > 1 else ring_f / L
@@ -849,26 +866,30 @@ def _flow_loads(plan: RingPlan, topo: Topology, flows: list[tuple[int, int, int]
     switch, a rank's port per class both ways and (inter) its node's NICs; mesh, the pair's
     link (ranks intra, nodes inter) in the flow's direction."""
     node = plan.rank_to_node
-    load: dict[tuple[str, str, int, int], float] = {}
+    ports = _Ports(topo)
+    pair: dict[tuple[str, int, int], float] = {}
     count: dict[tuple[str, int], int] = {}
-    tagged = []
+    on_pairs: list[tuple[str, int, int]] = []
+    on_ports: list[tuple[tuple[str, str, int], int]] = []  # (resource, NICs sharing it)
     for src, dst, nbytes in flows:
         link = plan.link_class(src, dst)
-        a, b = (node[src], node[dst]) if link == "inter" else (src, dst)
-        keys = [(link, "pair", a, b)] if topo.link(link).links == "mesh" else [(link, "out", src, 0), (link, "in", dst, 0)]
+        ports.add(link, src, dst, node[src], node[dst], nbytes)
+        if topo.link(link).links == "mesh":
+            ends = (link, node[src], node[dst]) if link == "inter" else (link, src, dst)
+            pair[ends] = pair.get(ends, 0.0) + nbytes
+            on_pairs.append(ends)
+        else:
+            on_ports += [((link, "out", src), 1), ((link, "in", dst), 1)]
         if link == "inter":
             for side, n in (("nic_out", node[src]), ("nic_in", node[dst])):
                 count[(side, n)] = count.get((side, n), 0) + 1
                 if topo.inter.links == "switch":
-                    keys.append(("inter", side, n, 0))
-        for key in keys:
-            load[key] = load.get(key, 0.0) + nbytes
-        tagged.append((link, keys))
+                    on_ports.append((("inter", side, n), topo.nics_per_node))
     worst = {link: 0.0 for link in LINKS}
-    for link, keys in tagged:
-        for key in keys:
-            share = topo.nics_per_node if key[1].startswith("nic") else 1
-            worst[link] = max(worst[link], load[key] / share)
+    for ends in on_pairs:
+        worst[ends[0]] = max(worst[ends[0]], pair[ends])
+    for key, share in on_ports:
+        worst[key[0]] = max(worst[key[0]], ports.load(key) / share)
     return worst, max(count.values(), default=0) / topo.nics_per_node
 
 
@@ -913,12 +934,11 @@ def _tokenring_estimate(
         from ringctl.documents import ring_sources
 
         matrix = _pairs_matrix(plan.layout, w.seq_len, W, w.cu_seqlens(), w.causal)
-        per_pair = 4 * w.batch * w.heads * w.head_dim / (topo.compute_tflops * 1e12)
         sources = ring_sources(((N, L), (L, 1)) if hierarchical else ((W, 1),), W)  # [step][p]: whose queries p holds
-        fwd_c = [per_pair * max(matrix[src][p] for p, src in enumerate(row)) for row in sources]
+        computes = _busy_computes(topo, w, [max(matrix[src][p] for p, src in enumerate(row)) for row in sources])
     else:
-        fwd_c = [pair["forward"] * s * s] * W
-    computes = {"forward": fwd_c, "backward": [BACKWARD_FLOP_RATIO * c for c in fwd_c]}
+        kv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, w.dtype_bytes)
+        computes = {phase: [step_compute(topo, pair[phase] * s * s, kv)] * W for phase in PHASES}
     times: dict[str, float] = {}
     worst: dict[str, dict[str, float]] = {}
     step = flows_per_nic = 0.0
@@ -970,7 +990,11 @@ def _tokenring_estimate(
     }
     transfer = {link: _path(topo.link(link)).time(worst["forward"][link]) for link in LINKS}
     return Cost(
-        block_tokens=s, compute_s={phase: pair[phase] * s * s for phase in PHASES},
+        block_tokens=s,
+        compute_s={
+            phase: step_compute(topo, pair[phase] * s * s, _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, w.dtype_bytes))
+            for phase in PHASES
+        },
         transfer_s=transfer, step_time_s=step, forward_s=times["forward"], backward_s=times["backward"],
         bytes_per_step=per_step, bytes_total=totals, min_block_tokens=need, inter_flows_per_nic=flows_per_nic,
         documents=docs,
@@ -995,6 +1019,27 @@ def _node_zero_positions(plan: RingPlan) -> range:
     if W % N == 0 and all(plan.rank_to_node[r] == p // L for p, r in enumerate(plan.ring_order)):
         return range(L)
     return range(W)
+
+
+def step_compute(topo: Topology, flop_seconds: float, kv_bytes: float = 0.0) -> float:
+    """One ring step's block compute, a roofline plus a fixed cost: the longer of its FLOPs'
+    time and streaming the block's ``kv_bytes`` of K/V (``memory_bandwidth_GBps``, when the
+    topology gives it: few queries over many keys, as in decode and pass-Q, are bound by
+    it), plus the fixed per-step cost (kernel launches, the merge, Python:
+    ``step_overhead_us``). A step with nothing to compute is skipped, and costs nothing."""
+    if flop_seconds <= 0:
+        return 0.0
+    stream = kv_bytes / (topo.memory_bandwidth_GBps * 1e9) if topo.memory_bandwidth_GBps else 0.0
+    return max(flop_seconds, stream) + topo.step_overhead_us * 1e-6
+
+
+def _busy_computes(topo: Topology, w: Workload, busiest_pairs: list[int]) -> dict[str, list[float]]:
+    """Each ring step's compute per phase from its busiest rank's visible pairs (over a
+    block of seq_len / W keys)."""
+    per_pair = 4 * w.batch * w.heads * w.head_dim / (topo.compute_tflops * 1e12)
+    kv = _kv_bytes(w.batch, w.seq_len // len(busiest_pairs), w.kv_heads, w.head_dim, w.dtype_bytes)
+    ratio = {"forward": 1.0, "backward": BACKWARD_FLOP_RATIO}
+    return {phase: [step_compute(topo, ratio[phase] * per_pair * n, kv) for n in busiest_pairs] for phase in PHASES}
 
 
 def _ring_time(computes: list[float], moving: float, home: float) -> float:

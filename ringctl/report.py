@@ -260,7 +260,11 @@ def print_report(
         f"topology [bold]{topology.name}[/]: {topology.nodes} nodes x {per_node} ranks = {topology.world_size}; "
         f"[{COLORS['intra']}]intra {topology.intra.bandwidth_GBps:g} GB/s {topology.intra.latency_us:g} us[/], "
         f"[{COLORS['inter']}]inter {topology.inter.bandwidth_GBps:g} GB/s x {topology.nics_per_node} NICs "
-        f"{topology.inter.latency_us:g} us[/], {topology.compute_tflops:g} TFLOP/s per rank"
+        f"{topology.inter.latency_us:g} us"
+        + (f", {topology.inter.shared_port_efficiency:g} of a port's rate to 2+ peers" if topology.inter.shared_port_efficiency < 1 else "")
+        + f"[/], {topology.compute_tflops:g} TFLOP/s per rank"
+        + (f" + {topology.step_overhead_us:g} us per ring step" if topology.step_overhead_us else "")
+        + (f", K/V streamed at {topology.memory_bandwidth_GBps:g} GB/s" if topology.memory_bandwidth_GBps else "")
         + ("" if topology.memory_per_rank_GB is None else f", {topology.memory_per_rank_GB:g} GB memory per rank")
     )
     w = workload

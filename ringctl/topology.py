@@ -31,12 +31,17 @@ LINK_KINDS = ("switch", "mesh")
 class LinkClass:
     """One class of link. Bandwidth is GB/s (1e9 bytes/s) in one direction per link (per NIC
     for `inter` on a switch, per node pair on a mesh); latency is the per-message start-up
-    cost in microseconds; `links`: switch | mesh (LINK_KINDS)."""
+    cost in microseconds; `links`: switch | mesh (LINK_KINDS). `shared_port_efficiency`:
+    the share of a switch port's rate that flows to (or from) two or more peers at once get
+    together: 1.0 on credit-based fabrics (InfiniBand, NVLink), below 1 where TCP flows
+    meeting in one rate-limited port lose time to drops and retransmits (the dev cluster's
+    tbf fabric; `ringctl calibrate` measures it on three or more nodes)."""
 
     name: str
     bandwidth_GBps: float
     latency_us: float
     links: str = "switch"
+    shared_port_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         key = f"topology.{self.name}"
@@ -48,6 +53,12 @@ class LinkClass:
             raise ConfigError(
                 f"{key}.links", self.links,
                 "switch (a port per rank/NIC into a switch) | mesh (a link per pair, each direction its own)",
+            )  # fmt: skip
+        eff = self.shared_port_efficiency
+        if not _is_number(eff) or not 0 < eff <= 1:
+            raise ConfigError(
+                f"{key}.shared_port_efficiency", eff,
+                "a number in (0, 1]: the share of a port's rate flows to or from several peers get together",
             )  # fmt: skip
 
 
@@ -78,6 +89,13 @@ class Topology:
     rank_to_node: tuple[int, ...] = ()  # empty: block placement (node 0's ranks first)
     node_names: tuple[str, ...] = ()  # empty: node0, node1, ...
     compute_tflops: float = 400.0  # attention FLOP rate per rank (TFLOP/s) for the cost model
+    # fixed cost of one ring step's block compute besides its FLOPs (kernel launches, the
+    # merge, the step's Python), microseconds: what decides small blocks (decode, pass-Q's
+    # few queries); `ringctl calibrate` measures it
+    step_overhead_us: float = 0.0
+    # the rate (GB/s) a rank's attention streams a block's K/V: what bounds blocks with few
+    # queries over many keys (decode, pass-Q), which FLOPs alone under-price; None: FLOPs only
+    memory_bandwidth_GBps: float | None = None
     name: str = "custom"
     # memory one rank may fill, GB (1e9 bytes): device memory on GPU ranks, the rank's share
     # of host RAM on CPU ranks; None: unknown (nothing is checked against it)
@@ -100,6 +118,13 @@ class Topology:
         check_positive_int("topology.nics_per_node", self.nics_per_node)
         if not _is_number(self.compute_tflops) or self.compute_tflops <= 0:
             raise ConfigError("topology.compute_tflops", self.compute_tflops, "a number > 0 (TFLOP/s per rank)")
+        if not _is_number(self.step_overhead_us) or self.step_overhead_us < 0:
+            raise ConfigError("topology.step_overhead_us", self.step_overhead_us, "a number >= 0 (microseconds per ring step)")
+        if self.memory_bandwidth_GBps is not None and (not _is_number(self.memory_bandwidth_GBps) or self.memory_bandwidth_GBps <= 0):
+            raise ConfigError(
+                "topology.memory_bandwidth_GBps", self.memory_bandwidth_GBps,
+                "a number > 0 (GB/s a rank's attention streams K/V), or null (blocks priced by FLOPs alone)",
+            )  # fmt: skip
         if self.memory_per_rank_GB is not None and (not _is_number(self.memory_per_rank_GB) or self.memory_per_rank_GB <= 0):
             raise ConfigError(
                 "topology.memory_per_rank_GB", self.memory_per_rank_GB,
@@ -182,6 +207,8 @@ class Topology:
             nics_per_node=setting(cfg, "nics_per_node", 1),
             rank_to_node=placement,
             compute_tflops=setting(cfg, "compute_tflops", 400.0),
+            step_overhead_us=setting(cfg, "step_overhead_us", 0.0),
+            memory_bandwidth_GBps=setting(cfg, "memory_bandwidth_GBps", None),
             name=str(setting(cfg, "name", "custom")),
             memory_per_rank_GB=setting(cfg, "memory_per_rank_GB", None),
         )
@@ -201,6 +228,8 @@ class Topology:
         inter: LinkClass | None = None,
         nics_per_node: int = 1,
         compute_tflops: float = 400.0,
+        step_overhead_us: float = 0.0,
+        memory_bandwidth_GBps: float | None = None,
         name: str = "discovered",
         memory_per_rank_GB: float | None = None,
     ) -> Topology:
@@ -235,6 +264,8 @@ class Topology:
             rank_to_node=tuple(placement),
             node_names=tuple(index),
             compute_tflops=compute_tflops,
+            step_overhead_us=step_overhead_us,
+            memory_bandwidth_GBps=memory_bandwidth_GBps,
             name=name,
             memory_per_rank_GB=memory_per_rank_GB,
         )
@@ -246,7 +277,7 @@ def _link(cfg: Any, key: str, bandwidth: float, latency: float) -> LinkClass:
         return LinkClass(key, bandwidth, latency)
     return LinkClass(
         key, setting(sub, "bandwidth_GBps", bandwidth), setting(sub, "latency_us", latency),
-        setting(sub, "links", "switch"),
+        setting(sub, "links", "switch"), setting(sub, "shared_port_efficiency", 1.0),
     )  # fmt: skip
 
 

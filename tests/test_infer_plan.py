@@ -141,6 +141,60 @@ def test_time_by_hand_w2() -> None:
     assert costs["pass_q"].compute_s == pytest.approx(5 * pair, rel=1e-12)
 
 
+def test_step_overhead_is_added_to_every_step_that_computes() -> None:
+    # test_time_by_hand_w2 with a 1 us fixed cost per ring step (topology.step_overhead_us):
+    # both steps compute, so each step's compute grows by it and hides the hop it did before
+    topo = Topology((2,), intra=LinkClass("intra", 1.0, 0.0), compute_tflops=1.0, step_overhead_us=1.0)
+    plan = make_plan(topo, algorithm="flat")
+    w = InferWorkload(batch=1, new_tokens=4, cached_tokens=0, heads=1, kv_heads=1, head_dim=8, dtype="float32")
+    pair, fixed = 4 * 8 / 1e12, 1e-6
+    costs = estimate_infer(plan, w)
+    assert costs["pass_kv"].step_compute_s == pytest.approx([3 * pair + fixed, 2 * pair + fixed], rel=1e-12)
+    assert costs["pass_kv"].predicted_s == pytest.approx(max(3 * pair + fixed, 128e-9) + 2 * pair + fixed, rel=1e-12)
+    assert costs["pass_q"].predicted_s == pytest.approx(max(3 * pair + fixed, 136e-9) + 2 * pair + fixed + 72e-9, rel=1e-12)
+
+
+def test_few_queries_over_many_keys_are_bound_by_streaming_the_keys() -> None:
+    # one rank, B=1, Hq=4, Hkv=2, D=8, float32: a decode step (T=1) over P=999 reads 1000
+    # keys' K and V, 2*1000*2*8*4 = 128000 B, at 10 GB/s 12.8 us, while its 4*4*8*1000 FLOPs
+    # take 0.128 us at 1 TFLOP/s; a full prefill of 1000 (64 us of FLOPs) is FLOP-bound
+    topo = Topology((1,), compute_tflops=1.0, memory_bandwidth_GBps=10.0, step_overhead_us=2.0)
+    plan = make_plan(topo, algorithm="flat")
+    decode = InferWorkload(batch=1, new_tokens=1, cached_tokens=999, heads=4, kv_heads=2, head_dim=8, dtype="float32")
+    for cost in estimate_infer(plan, decode).values():
+        assert cost.predicted_s == pytest.approx(128000 / 10e9 + 2e-6, rel=1e-12)
+    prefill = InferWorkload(batch=1, new_tokens=1000, cached_tokens=0, heads=4, kv_heads=2, head_dim=8, dtype="float32")
+    flops = 4 * 4 * 8 * (1000 * 1001 // 2) / 1e12
+    assert flops > 128000 / 10e9
+    for cost in estimate_infer(plan, prefill).values():
+        assert cost.predicted_s == pytest.approx(flops + 2e-6, rel=1e-12)
+    # without the figure, FLOPs alone price the decode step
+    plain = make_plan(Topology((1,), compute_tflops=1.0, step_overhead_us=2.0), algorithm="flat")
+    assert estimate_infer(plain, decode)["pass_q"].predicted_s == pytest.approx(4 * 4 * 8 * 1000 / 1e12 + 2e-6, rel=1e-12)
+    with pytest.raises(ConfigError, match=r"topology\.memory_bandwidth_GBps"):
+        Topology((1,), memory_bandwidth_GBps=0.0)
+
+
+def test_step_compute_adds_the_fixed_cost_only_where_a_step_computes() -> None:
+    # a step whose busiest rank sees no pair (a packed document's skipped block) is skipped
+    # by the runtime, so it pays no fixed cost either
+    from ringctl.plan import step_compute
+
+    topo = Topology((2,), compute_tflops=1.0, step_overhead_us=5.0)
+    assert step_compute(topo, 0.0) == 0.0
+    assert step_compute(topo, 1e-9) == pytest.approx(5e-6 + 1e-9, rel=1e-12)
+    assert step_compute(Topology((2,)), 1e-9) == 1e-9
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [({"step_overhead_us": -1.0}, "topology.step_overhead_us"), ({"step_overhead_us": float("nan")}, "topology.step_overhead_us")],
+)
+def test_step_overhead_bad_values_name_the_key(kw: dict[str, float], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        Topology((2,), **kw)  # type: ignore[arg-type]
+
+
 def test_one_rank_is_compute_only() -> None:
     plan = plan_of((1,), "flat", compute_tflops=2.0)
     w = InferWorkload(batch=3, new_tokens=10, cached_tokens=90, heads=4, kv_heads=2, head_dim=16, dtype="bfloat16")

@@ -234,6 +234,42 @@ def test_forward_and_backward_follow_the_schedule(links: str) -> None:
     assert two.backward_s == pytest.approx(max(2.5 * c2, _t(qpack2)) + 2.5 * c2 + _t(dq2), rel=1e-12)
 
 
+def test_shared_port_efficiency_slows_only_ports_that_meet_two_peers() -> None:
+    """test_forward_and_backward_follow_the_schedule on a switch whose ports give flows to or
+    from two peers at once half their rate (inter.shared_port_efficiency = 0.5): only step 2
+    (a Q hop to the next rank and step 1's partial to the previous one) meets two peers."""
+    eff = 0.5
+    topo = Topology(
+        (1,) * 4, inter=LinkClass("inter", BW / 1e9, LAT * 1e6, "switch", shared_port_efficiency=eff),
+        compute_tflops=RATE / 1e12,
+    )  # fmt: skip
+    c, qb, pb, qpack, dq = _sizes(LINK_BOUND, 4)
+    cost = estimate(make_plan(topo, direction="tokenring"), LINK_BOUND)
+
+    def total(c: float, q: int, p: int) -> float:
+        return 2 * max(c, _t(q)) + max(c, _t((q + p) / eff)) + max(c, _t(p)) + _t(p)
+
+    assert cost.forward_s == pytest.approx(total(c, qb, pb), rel=1e-12)
+    assert cost.backward_s == pytest.approx(total(2.5 * c, qpack, dq), rel=1e-12)
+    # pass-KV: one-way sends to one peer and hears from one (no change); bidirectional's two
+    # lanes meet the next and the previous rank at every port (its half blocks at half rate)
+    base = _fabric(4, "switch")
+    for direction, slower in (("one_way", 1.0), ("bidirectional", 1 / eff)):
+        fast, slow = (estimate(make_plan(t, direction=direction), LINK_BOUND) for t in (base, topo))
+        assert slow.transfer_s["inter"] - LAT == pytest.approx(slower * (fast.transfer_s["inter"] - LAT), rel=1e-12)
+    # on a mesh every pair has its own link: nothing is shared
+    mesh = [Topology((1,) * 4, inter=LinkClass("inter", BW / 1e9, LAT * 1e6, "mesh", shared_port_efficiency=e),
+                     compute_tflops=RATE / 1e12) for e in (1.0, eff)]  # fmt: skip
+    costs = [estimate(make_plan(t, direction="tokenring"), LINK_BOUND).total_s for t in mesh]
+    assert costs[0] == costs[1]
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.2, float("inf")])
+def test_shared_port_efficiency_bad_values_name_the_key(value: float) -> None:
+    with pytest.raises(ConfigError, match=r"topology\.inter\.shared_port_efficiency"):
+        LinkClass("inter", 1.0, 1.0, "switch", shared_port_efficiency=value)
+
+
 @pytest.mark.parametrize("counts", [(4,), (1, 1, 1), (1, 1, 1, 1)])
 def test_hierarchical_with_one_level_costs_the_flat_ring(counts: tuple[int, ...]) -> None:
     topo = Topology(counts, inter=LinkClass("inter", 0.0125, 700.0, "mesh"), compute_tflops=0.2)

@@ -7,9 +7,12 @@
 
 A job like `ringctl launch`'s (same launcher, nodes, ranks, threads and job folder) runs the
 `calibrate` workload (ringctl/workloads/calibrate.py): every rank at once times the block
-computes of one ring pass at the workload's block shape (compute rate per rank), inner- and
-outer-ring hops (latency; bandwidth per flow with every rank sending) and counts the NICs in
-use. Rank 0 writes the topology (the fields of conf/topology/*.yaml, each figure commented)
+computes of one ring pass at the workload's block shape and at 8-token blocks (compute rate
+per rank), one query over a shard's keys and over 8 (the K/V streaming rate), ringctl's ring
+forward on 8-token blocks less the model's prediction (fixed cost per ring step), inner- and
+outer-ring hops (latency; bandwidth per flow
+with every rank sending; on 3+ nodes, a NIC's efficiency with two peers at once) and counts
+the NICs in use. Rank 0 writes the topology (the fields of conf/topology/*.yaml, each figure commented)
 to `<job folder>/topology/<name>.yaml` and to --out PATH when given, and the command prints
 the figures and the path. results.json and the W&B run keep every figure.
 
@@ -116,6 +119,36 @@ def report(results: dict[str, Any]) -> list[str]:
             f"bwd/fwd {compute['backward_over_forward']:.2f}, model {compute['model_backward_over_forward']})"
         ),
     ]
+    if "step_overhead_us" in compute:
+        ring = compute.get("ring_step")
+        if ring:
+            lines.append(
+                f"  step     {compute['step_overhead_us']:.4g} us fixed cost per ring step (the {ring['plan']} ring on "
+                f"{ring['block_tokens']}-token blocks {ring['ring_forward_s'] * 1e3:.3g} ms, less the model's "
+                f"{ring['model_forward_s'] * 1e3:.3g} ms without it, / {ring['steps']} steps"
+                + ("; less than predicted: 0" if ring["clamped"] else "") + ")"
+            )
+        else:
+            lines.append(f"  step     {compute['step_overhead_us']:.4g} us fixed cost per ring step")
+    if "block_loop_overhead_us" in compute:
+        how = (
+            f"subtracted from the forward's time for the rate; {compute['compute_tflops_with_overhead'] * 1e3:.4g} GFLOP/s with it"
+            if compute["step_overhead_subtracted"] else "NOT subtracted: over half the forward's time, calibrate at a larger seq_len"
+        )
+        lines.append(
+            f"  loop     {compute['block_loop_overhead_us']:.4g} us per block, the block loop alone "
+            f"({compute['tiny_blocks_computed']} blocks of {compute['tiny_block_tokens']} tokens + merges in "
+            f"{compute['tiny_block_s'] * 1e3:.3g} ms; {how})"
+        )
+    stream = compute.get("stream")
+    if stream:
+        if compute["memory_bandwidth_GBps"] is None:
+            lines.append(f"  memory   null, blocks priced by FLOPs alone: {stream['note']}")
+        else:
+            lines.append(
+                f"  memory   {compute['memory_bandwidth_GBps']:.4g} GB/s K/V streamed per rank (1 query over {stream['keys']} "
+                f"keys {stream['shard_s'] * 1e6:.4g} us, over {stream['few_keys']} {stream['few_s'] * 1e6:.4g} us)"
+            )
     intra, inter, one = cal.get("intra"), cal.get("inter"), cal.get("inter_one_lane")
     if intra:
         lines.append(f"  intra    {intra['bandwidth_GBps'] * 1e3:.4g} MB/s per flow, latency {intra['latency_us']:.4g} us")
@@ -127,6 +160,17 @@ def report(results: dict[str, Any]) -> list[str]:
             f"  inter    {topo['inter']['bandwidth_GBps'] * 1e3:.4g} MB/s per NIC ({inter['flows_per_node']} flow(s) per node "
             f"at once: {inter['bandwidth_GBps'] * 1e3:.4g} MB/s each{alone}), latency {inter['latency_us']:.4g} us"
         )
+        shared = cal.get("inter_shared_port")
+        if shared:
+            lines.append(
+                f"  inter    shared port efficiency {shared['efficiency']:.3g} ({2 * shared['message_bytes']} B to one peer in "
+                f"{shared['one_peer_s'] * 1e3:.3g} ms, half to each of two peers in {shared['two_peers_s'] * 1e3:.3g} ms)"
+            )
+        else:
+            lines.append(
+                f"  inter    shared port efficiency not measured (needs 3 nodes): the config's "
+                f"{topo['inter'].get('shared_port_efficiency', 1.0):.3g} kept"
+            )
     else:
         lines.append("  inter    not measured (one node): the config's figures kept")
     lines.append(f"  NICs     {nics['count']} per node ({nics['source']})")
