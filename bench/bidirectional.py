@@ -9,9 +9,12 @@ one rank per node, every hop crosses the fabric) are brought up together. On eac
 job (one task per node, gloo over eth0) runs ring_attention forward+backward in float32
 with the plan one-way, bidirectional and TokenRing in rotation, round after round (the
 first of a round rotating), for each `--shapes` Hq/Hkv, and reports the slowest rank's
-seconds per call. The job also measures the block compute rate (a ring of one on the same
-shard size and query heads) and, with it and the fabric's tbf rate, asks the planner for
-its prediction of each direction and for its `direction=auto` choice. Bytes sent per phase,
+seconds per call. The job also measures what the cost model needs, as `ringctl calibrate`
+does: on a switch the port's efficiency under flows to two peers (shared_port_efficiency),
+the fixed cost of a ring step (step_overhead_us) and the block compute rate (a ring of one
+on the same shard size and query heads); with them and the fabric's tbf rate it asks the
+planner for its prediction of each direction and for its `direction=auto` choice, and
+prints beside them the errors and the choice of the model without the first two figures. Bytes sent per phase,
 link class and direction are checked against the plan's prediction in every call.
 
 Goal (issue 13): bidirectional / one-way <= 0.6 where link-bound on the mesh (~1.0 on a
@@ -41,7 +44,7 @@ DIRECTIONS = ("one_way", "bidirectional", "tokenring")
 SHORT = {"one_way": "one", "bidirectional": "bi", "tokenring": "tr"}
 HEAD_DIM = 64
 INTER_LATENCY_US = 704.0  # emulated3node.yaml: bench/calibrate.py, a 4-byte hop
-SHARED_PORT_BYTES = 1 << 20  # per peer in the shared-port probe (ringctl calibrate: 2 x a K/V block)
+SHARED_PORT_BYTES = 4 << 20  # per peer in the shared-port probe (ringctl calibrate: 2 x a K/V block, 2 MiB at 8/8)
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -60,12 +63,12 @@ def directions_for(kv_heads: int) -> tuple[str, ...]:
     return tuple(d for d in DIRECTIONS if d != "bidirectional" or kv_heads >= 2)
 
 
-def _topology(nodes: int, links: str, rate_GBps: float, tflops: float, efficiency: float = 1.0) -> Any:
+def _topology(nodes: int, links: str, rate_GBps: float, tflops: float, efficiency: float = 1.0, overhead_us: float = 0.0) -> Any:
     from ringctl.topology import LinkClass, Topology
 
     return Topology(
         (1,) * nodes, inter=LinkClass("inter", rate_GBps, INTER_LATENCY_US, links, shared_port_efficiency=efficiency),
-        compute_tflops=tflops, name=f"emulated{nodes}node-{links}",
+        compute_tflops=tflops, step_overhead_us=overhead_us, name=f"emulated{nodes}node-{links}",
     )  # fmt: skip
 
 
@@ -95,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from ringctl.plan import Workload, estimate, make_plan
     from ringctl.ring import comm_stats, reset_comm_stats, ring_attention
+    from ringctl.workloads.calibrate import Shape, measure_step_overhead
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
@@ -136,12 +140,20 @@ def worker(args: argparse.Namespace) -> None:
         call(None, tensors)  # warm-up
         compute_s = statistics.median(call(None, tensors) for _ in range(2))
         # fwd + bwd FLOPs of one block: 4 S^2 H D forward, 2.5 x that backward (plan.BACKWARD_FLOP_RATIO)
-        tflops = 3.5 * 4 * s * s * heads * HEAD_DIM / compute_s / 1e12
-        topo = _topology(world, args.links, args.rate_GBps, tflops, efficiency)
+        flops = 3.5 * 4 * s * s * heads * HEAD_DIM
+        tflops0 = flops / compute_s / 1e12
+        # the fixed cost of a ring step as `ringctl calibrate` measures it (a one-way ring
+        # forward on 8-token blocks, less the model's time for it, per step); the block rate
+        # then leaves out the two steps' worth (forward and backward) its timing paid
+        shape_ = Shape(1, s * world, heads, kv_heads, HEAD_DIM, "float32", "contiguous", False)
+        zero = _topology(world, args.links, args.rate_GBps, tflops0, efficiency)
+        overhead_us = measure_step_overhead(shape_, zero, rank, torch.device("cpu"))["step_overhead_us"]
+        tflops = flops / max(compute_s - 2 * overhead_us * 1e-6, compute_s / 2) / 1e12
+        topo = _topology(world, args.links, args.rate_GBps, tflops, efficiency, overhead_us)
         directions = directions_for(kv_heads)
         plans = {d: make_plan(topo, layout="contiguous", direction=d) for d in directions}
-        one_rate = _topology(world, args.links, args.rate_GBps, tflops)  # the model without the probe's figure
-        plans1 = {d: make_plan(one_rate, layout="contiguous", direction=d) for d in directions}
+        before = _topology(world, args.links, args.rate_GBps, tflops0)  # the model without the new figures
+        plans1 = {d: make_plan(before, layout="contiguous", direction=d) for d in directions}
         for d in directions:  # warm-up: connections, buffers
             call(plans[d], tensors)
         times: dict[str, list[float]] = {d: [] for d in directions}
@@ -162,8 +174,8 @@ def worker(args: argparse.Namespace) -> None:
             "times": times, "compute_s": compute_s, "tflops": tflops, "bytes_match_plan": bool(ok),
             "predicted": {d: estimate(p, workload).total_s for d, p in plans.items()}, "auto": auto.direction,
             "predicted_full_rate": {d: estimate(p, workload).total_s for d, p in plans1.items()},
-            "auto_full_rate": make_plan(one_rate, layout="contiguous", direction="auto", workload=workload).direction,
-            "efficiency": efficiency, "probe": probe,
+            "auto_full_rate": make_plan(before, layout="contiguous", direction="auto", workload=workload).direction,
+            "efficiency": efficiency, "probe": probe, "step_overhead_us": overhead_us,
         }  # fmt: skip
     if rank == 0:
         print(json.dumps({"shapes": results}), flush=True)
@@ -218,10 +230,9 @@ def format_row(nodes: int, links: str, shape: str, res: dict[str, Any]) -> str:
         f"{_cell(err, 'bidirectional', '+6.0%', 6)} {_cell(err, 'tokenring', '+6.0%', 6)} "
         f"{res['auto']:>13s} {got['fastest']:>13s} {got['auto_over_fastest']:9.2f} "
         f"{'=plan' if res['bytes_match_plan'] else 'MISMATCH'}  (block compute {res['compute_s']:.3f} s; "
-        f"port efficiency {res['efficiency']:.3f}"
-        + ("" if res["efficiency"] == 1.0 and not res["probe"] else
-           f", at 1.0: err one/bi/tr {'/'.join(_cell(err1, d, '+.0%', 1) for d in DIRECTIONS)}, auto {res['auto_full_rate']}")
-        + ")"
+        f"port efficiency {res['efficiency']:.3f}; step overhead {res['step_overhead_us'] / 1e3:.1f} ms; "
+        f"without both: err one/bi/tr {'/'.join(_cell(err1, d, '+.0%', 1) for d in DIRECTIONS)}, "
+        f"auto {res['auto_full_rate']})"
     )
 
 

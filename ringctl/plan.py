@@ -783,7 +783,8 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
     pair = {"forward": pair_fwd, "backward": BACKWARD_FLOP_RATIO * pair_fwd}
     db, acc = w.dtype_bytes, _acc_bytes(w.dtype_bytes)
     kv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, db)
-    c = {phase: step_compute(topo, pair[phase] * s * s, kv) for phase in PHASES}
+    lanes = len(plan.lane_fractions(w.kv_heads)) if plan.direction != "tokenring" else 1
+    c = {phase: step_compute(topo, pair[phase] * s * s, kv, lanes) for phase in PHASES}
     dkv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, acc)
     per_token = {"forward": kv / s, "backward": (kv + dkv) / s}
     totals = {
@@ -808,7 +809,7 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
             fwd = (W - 1) * step + c["forward"]
             bwd = (W - 1) * max(c["backward"], t_both) + c["backward"] + t_dkv
         if docs is not None:
-            busy = _busy_computes(topo, w, docs["busiest_pairs_per_step"])
+            busy = _busy_computes(topo, w, docs["busiest_pairs_per_step"], lanes)
             fwd = _ring_time(busy["forward"], t_kv, 0.0)
             bwd = _ring_time(busy["backward"], t_both, t_dkv)
         need = {
@@ -834,7 +835,7 @@ def estimate(plan: RingPlan, workload: Workload) -> Cost:
         fwd = (N - 1) * max(ring_f, _slowest(outer, kv)) + ring_f
         bwd = (N - 1) * max(ring_b, _slowest(outer, kv + dkv)) + ring_b + _slowest(outer, dkv)
         if docs is not None:  # each outer step: the inner ring over that step's L blocks
-            busy = _busy_computes(topo, w, docs["busiest_pairs_per_step"])
+            busy = _busy_computes(topo, w, docs["busiest_pairs_per_step"], lanes)
             rings = {phase: [busy[phase][o * L : (o + 1) * L] for o in range(N)] for phase in PHASES}
             fwd = _ring_time(
                 [_ring_time(r, _slowest(inner, kv), 0.0) for r in rings["forward"]], _slowest(outer, kv), 0.0
@@ -1021,25 +1022,26 @@ def _node_zero_positions(plan: RingPlan) -> range:
     return range(W)
 
 
-def step_compute(topo: Topology, flop_seconds: float, kv_bytes: float = 0.0) -> float:
+def step_compute(topo: Topology, flop_seconds: float, kv_bytes: float = 0.0, lanes: int = 1) -> float:
     """One ring step's block compute, a roofline plus a fixed cost: the longer of its FLOPs'
     time and streaming the block's ``kv_bytes`` of K/V (``memory_bandwidth_GBps``, when the
     topology gives it: few queries over many keys, as in decode and pass-Q, are bound by
     it), plus the fixed per-step cost (kernel launches, the merge, Python:
-    ``step_overhead_us``). A step with nothing to compute is skipped, and costs nothing."""
+    ``step_overhead_us``) once per lane (a bidirectional step computes a block of each).
+    A step with nothing to compute is skipped, and costs nothing."""
     if flop_seconds <= 0:
         return 0.0
     stream = kv_bytes / (topo.memory_bandwidth_GBps * 1e9) if topo.memory_bandwidth_GBps else 0.0
-    return max(flop_seconds, stream) + topo.step_overhead_us * 1e-6
+    return max(flop_seconds, stream) + lanes * topo.step_overhead_us * 1e-6
 
 
-def _busy_computes(topo: Topology, w: Workload, busiest_pairs: list[int]) -> dict[str, list[float]]:
+def _busy_computes(topo: Topology, w: Workload, busiest_pairs: list[int], lanes: int = 1) -> dict[str, list[float]]:
     """Each ring step's compute per phase from its busiest rank's visible pairs (over a
     block of seq_len / W keys)."""
     per_pair = 4 * w.batch * w.heads * w.head_dim / (topo.compute_tflops * 1e12)
     kv = _kv_bytes(w.batch, w.seq_len // len(busiest_pairs), w.kv_heads, w.head_dim, w.dtype_bytes)
     ratio = {"forward": 1.0, "backward": BACKWARD_FLOP_RATIO}
-    return {phase: [step_compute(topo, ratio[phase] * per_pair * n, kv) for n in busiest_pairs] for phase in PHASES}
+    return {phase: [step_compute(topo, ratio[phase] * per_pair * n, kv, lanes) for n in busiest_pairs] for phase in PHASES}
 
 
 def _ring_time(computes: list[float], moving: float, home: float) -> float:

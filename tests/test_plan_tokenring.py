@@ -264,6 +264,18 @@ def test_shared_port_efficiency_slows_only_ports_that_meet_two_peers() -> None:
     assert costs[0] == costs[1]
 
 
+def test_step_overhead_is_paid_per_lane() -> None:
+    """A bidirectional step computes a block on each lane, so it pays topology.step_overhead_us
+    twice; one-way and TokenRing once (their block's FLOPs are the same whole block)."""
+    base, fixed = _fabric(4, "mesh"), 5e-3
+    slow = Topology(base.ranks_per_node, intra=base.intra, inter=base.inter, compute_tflops=base.compute_tflops,
+                    step_overhead_us=fixed * 1e6)  # fmt: skip
+    for direction, lanes in (("one_way", 1), ("bidirectional", 2), ("tokenring", 1)):
+        plain, paid = (estimate(make_plan(t, direction=direction), LINK_BOUND) for t in (base, slow))
+        for phase in ("forward", "backward"):
+            assert paid.compute_s[phase] - plain.compute_s[phase] == pytest.approx(lanes * fixed, rel=1e-9)
+
+
 @pytest.mark.parametrize("value", [0.0, 1.5, -0.2, float("inf")])
 def test_shared_port_efficiency_bad_values_name_the_key(value: float) -> None:
     with pytest.raises(ConfigError, match=r"topology\.inter\.shared_port_efficiency"):
