@@ -46,6 +46,7 @@ GQA = 4  # Hq = GQA x Hkv
 INTER_LATENCY_US = 704.0  # emulated3node.yaml: bench/calibrate.py, a 4-byte hop
 LAYOUT = "zigzag"
 TINY = 8  # cached tokens per rank of the step-overhead probe
+TINY_QUERIES = (1, 8)  # its new tokens per rank: the fixed cost is the median over both sizes and modes
 
 
 def points(context: int, fractions: tuple[float, ...] = FRACTIONS) -> list[tuple[int, int]]:
@@ -149,10 +150,11 @@ def worker(args: argparse.Namespace) -> None:
     # - FLOP rate: a shard's full causal prefill, alone;
     # - K/V streaming rate: one new token over a shard of cached ones (FLOPs nil: the keys'
     #   bytes decide), less one new token over TINY cached ones (the call's fixed cost);
-    # - fixed cost of a ring step: calls on the ring whose blocks are tiny (one new token per
-    #   rank over TINY cached ones each), less what the model predicts for them without it
-    #   (hop latencies, mostly), per step, both modes averaged: what a step costs besides
-    #   FLOPs and bytes on these shared cores (Python, kernel calls, merges, gloo waking).
+    # - fixed cost of a ring step: calls on the ring whose blocks are tiny (1 and 8 new
+    #   tokens per rank over TINY cached ones each), less what the model predicts for them
+    #   without it (hop latencies, mostly), per step, the median over both sizes and modes:
+    #   what a step costs besides FLOPs and bytes on these shared cores (Python, kernel
+    #   calls, merges, gloo waking).
     solos = [dist.new_group([r]) for r in range(world)]
     shard = args.context // world
 
@@ -168,19 +170,20 @@ def worker(args: argparse.Namespace) -> None:
     stream_s = solo_call(1, shard, 7) - solo_call(1, TINY, 7)
     bandwidth = _kv_bytes(B, shard + 1, hkv, D, 4) / stream_s / 1e9 if stream_s > 0 else None
     plan = make_plan(_topology(world, args.rate_GBps, tflops, 0.0, bandwidth), layout=LAYOUT, algorithm="flat")
-    tiny = RingKVCache(layers=1, batch=B, kv_heads=hkv, head_dim=D, capacity=world * (TINY + 1),
-                       dtype=torch.float32, layout=LAYOUT, plan=plan)  # fmt: skip
-    q_tiny = fill(tiny, world, world * TINY)
-    w_tiny = InferWorkload(batch=B, new_tokens=world, cached_tokens=world * TINY, heads=hq, kv_heads=hkv, head_dim=D,
-                           dtype="float32", layout=LAYOUT)  # fmt: skip
-    assert tiny.turn is not None
-    zero = estimate_infer(plan, w_tiny, turn=tiny.turn.turn)
     residual = []
-    for mode in ("pass_kv", "pass_q"):
-        cached_attention(q_tiny, tiny, 0, mode=mode)  # warm-up
-        took = statistics.median(timed(lambda: cached_attention(q_tiny, tiny, 0, mode=mode)) for _ in range(7))  # noqa: B023
-        residual.append((took - zero[mode].predicted_s) / world)
-    overhead_s = max(0.0, statistics.mean(residual))
+    for per_rank in TINY_QUERIES:  # blocks of 1 and of 8 new tokens per rank over TINY cached
+        tiny = RingKVCache(layers=1, batch=B, kv_heads=hkv, head_dim=D, capacity=world * (TINY + per_rank),
+                           dtype=torch.float32, layout=LAYOUT, plan=plan)  # fmt: skip
+        q_tiny = fill(tiny, world * per_rank, world * TINY)
+        w_tiny = InferWorkload(batch=B, new_tokens=world * per_rank, cached_tokens=world * TINY, heads=hq,
+                               kv_heads=hkv, head_dim=D, dtype="float32", layout=LAYOUT)  # fmt: skip
+        assert tiny.turn is not None
+        zero = estimate_infer(plan, w_tiny, turn=tiny.turn.turn)
+        for mode in ("pass_kv", "pass_q"):
+            cached_attention(q_tiny, tiny, 0, mode=mode)  # warm-up
+            took = statistics.median(timed(lambda: cached_attention(q_tiny, tiny, 0, mode=mode)) for _ in range(9))  # noqa: B023
+            residual.append((took - zero[mode].predicted_s) / world)
+    overhead_s = max(0.0, statistics.median(residual))
     flops_only = make_plan(_topology(world, args.rate_GBps, tflops), layout=LAYOUT, algorithm="flat")
     plan = make_plan(_topology(world, args.rate_GBps, tflops, overhead_s * 1e6, bandwidth), layout=LAYOUT, algorithm="flat")
 
@@ -256,7 +259,7 @@ def _load() -> str:
 def report(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Print the table; returns the per-point rows (medians) that `goals` reads."""
     print(f"block compute: a {res['shard']}-token causal prefill on a ring of one, {res['compute_s'] * 1e3:.1f} ms; "
-          f"fixed cost of a ring step (1 token per rank over {TINY}) {res['step_overhead_s'] * 1e3:.1f} ms; "
+          f"fixed cost of a ring step (1 and 8 tokens per rank over {TINY}) {res['step_overhead_s'] * 1e3:.1f} ms; "
           f"K/V streamed at {res['memory_GBps'] or 0:.3f} GB/s (1 token over {res['shard']}: "
           f"{res['stream_s'] * 1e3:.1f} ms past the fixed cost); "
           f"{res['tflops'] * 1e3:.1f} GFLOP/s per rank; bytes each call "

@@ -72,19 +72,22 @@ def cached_attention(
 
 
 def resolve_mode(mode: str, cache: RingKVCache, heads: int) -> str:
-    """``mode`` itself, or for ``auto`` the cost model's faster strategy for this turn."""
+    """``mode`` itself, or for ``auto`` the cost model's faster strategy for this turn,
+    priced once per turn (every layer of the turn has the same sizes)."""
     if mode != "auto":
         return mode
     from ringctl.infer_plan import InferWorkload, choose_mode
 
     turn = cache.turn
     assert turn is not None
-    workload = InferWorkload(
-        batch=cache.batch, new_tokens=turn.count, cached_tokens=turn.cached, heads=heads,
-        kv_heads=cache.kv_heads, head_dim=cache.head_dim, dtype=str(cache.dtype).removeprefix("torch."),
-        layout=cache.layout,
-    )  # fmt: skip
-    return choose_mode(cache.plan, workload, turn=turn.turn)
+    if heads not in turn.auto_modes:
+        workload = InferWorkload(
+            batch=cache.batch, new_tokens=turn.count, cached_tokens=turn.cached, heads=heads,
+            kv_heads=cache.kv_heads, head_dim=cache.head_dim, dtype=str(cache.dtype).removeprefix("torch."),
+            layout=cache.layout,
+        )  # fmt: skip
+        turn.auto_modes[heads] = choose_mode(cache.plan, workload, turn=turn.turn)
+    return turn.auto_modes[heads]
 
 
 def _check(q: torch.Tensor, cache: RingKVCache, layer: int, mode: object) -> CacheTurn:

@@ -16,7 +16,7 @@ block (what pass-KV sends) and appending a turn writes rows ``held .. held + n``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +50,9 @@ class CacheTurn:
     new_by_position: tuple[torch.Tensor, ...]
     #: every ring position's key positions after the turn (ascending, CPU)
     keys_by_position: tuple[torch.Tensor, ...]
+    #: mode="auto"'s choice per query-head count, made once per turn for every layer
+    #: (ringctl.ring.inference.resolve_mode): the cost model is Python, a decode step is not
+    auto_modes: dict[int, str] = field(default_factory=dict, compare=False)
 
     @property
     def count(self) -> int:
