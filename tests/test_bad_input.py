@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -204,15 +206,41 @@ def check_one_line(done: subprocess.CompletedProcess[str], prefix: str, expected
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input(case: str, tmp_path: Path) -> None:
-    args, expected, *rest = CASES[case]
+Outcome = tuple["Future[subprocess.CompletedProcess[str]]", Path]
+
+
+def run_side_by_side(request: pytest.FixtureRequest, test: str, cases: dict[str, Any], tmp: pytest.TempPathFactory,
+                     start: Callable[[str, Path], subprocess.CompletedProcess[str]]) -> dict[str, Outcome]:
+    """``start(case, its folder)`` for each case of ``test`` this session runs, a few CLI
+    processes at a time: each only imports, composes and refuses (CPU-bound, about a second),
+    so the cores run them side by side. Each test then checks its own (a failure to run
+    raises in that test, through its future)."""
+    chosen = [item.callspec.params["case"] for item in request.session.items
+              if isinstance(item, pytest.Function) and item.originalname == test and item.module is request.module]
+    folders = {case: tmp.mktemp("case") for case in cases if case in chosen}
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return {case: (pool.submit(start, case, folder), folder) for case, folder in folders.items()}
+
+
+def _launch_case(case: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    args, _, *rest = CASES[case]
     env = {k: v.replace("{tmp}", str(tmp_path)) for k, v in (rest[0] if rest else {}).items()}
     (tmp_path / "afile").write_text("a file, not a folder\n")
-    work = tmp_path / "cwd"
-    work.mkdir()
-    runs = tmp_path / "runs"
-    done = run_cli(args, runs, cwd=work, **env)
+    (tmp_path / "cwd").mkdir()
+    return run_cli(args, tmp_path / "runs", cwd=tmp_path / "cwd", **env)
+
+
+@pytest.fixture(scope="module")
+def launched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    return run_side_by_side(request, "test_bad_input", CASES, tmp_path_factory, _launch_case)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case: str, launched: dict[str, Outcome]) -> None:
+    _, expected, *_ = CASES[case]
+    future, tmp_path = launched[case]
+    done = future.result()
+    work, runs = tmp_path / "cwd", tmp_path / "runs"
     check_one_line(done, "ringctl launch:", expected)
     assert TOKEN not in done.stderr + done.stdout
     # nothing made: no runs root (or an empty one), nothing in the working folder
@@ -252,10 +280,20 @@ PLAN_CASES = {
 }
 
 
+def _plan_case(case: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(PLAN_CASES[case][0], tmp_path / "runs", command="plan", cwd=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def planned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    return run_side_by_side(request, "test_bad_plan_input", PLAN_CASES, tmp_path_factory, _plan_case)
+
+
 @pytest.mark.parametrize("case", sorted(PLAN_CASES))
-def test_bad_plan_input(case: str, tmp_path: Path) -> None:
-    args, expected = PLAN_CASES[case]
-    done = run_cli(args, tmp_path / "runs", command="plan", cwd=tmp_path)
+def test_bad_plan_input(case: str, planned: dict[str, Outcome]) -> None:
+    _, expected = PLAN_CASES[case]
+    future, tmp_path = planned[case]
+    done = future.result()
     check_one_line(done, "ringctl plan:", expected)
     assert not any(tmp_path.iterdir()), sorted(tmp_path.rglob("*"))  # no picture, no runs root
 

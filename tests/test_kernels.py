@@ -426,8 +426,6 @@ MASK_RING_CASES = [
 def _ring_worker(rank: int, world: int) -> list[dict]:
     """On each gloo rank: ring_attention with RINGCTL_BLOCK_IMPL=triton (interpreter)."""
     os.environ["RINGCTL_BLOCK_IMPL"] = "triton"  # _dist sets only a default ("torch")
-    from ringctl.ring import ring_attention, shard_sequence
-
     kernels_used = []  # a spy on the real kernels: the dispatcher must route here
     real_forward = ringctl_kernels.block_forward
 
@@ -436,6 +434,16 @@ def _ring_worker(rank: int, world: int) -> list[dict]:
         return real_forward(*args, **kwargs)
 
     ringctl_kernels.block_forward = counting_forward
+    try:  # the pool's process runs other calls next (tests/_dist.py)
+        reports = _ring_reports(rank, world)
+    finally:
+        ringctl_kernels.block_forward = real_forward
+    return [{"kernel_calls": len(kernels_used)}, *reports]
+
+
+def _ring_reports(rank: int, world: int) -> list[dict]:
+    from ringctl.ring import ring_attention, shard_sequence
+
     reports = []
     for layout, causal, hq, hkv in RING_CASES:
         q, k, v, dout = _ring_inputs(hq, hkv)
@@ -457,8 +465,7 @@ def _ring_worker(rank: int, world: int) -> list[dict]:
         )
         grads = torch.autograd.grad(out, local, shard(dout))
         reports.append({"out": out.detach().numpy(), "grads": [g.detach().numpy() for g in grads]})
-    ringctl_kernels.block_forward = real_forward
-    return [{"kernel_calls": len(kernels_used)}, *reports]
+    return reports
 
 
 def _ring_inputs(hq: int, hkv: int, seq: int = 48, d: int = 16) -> list[torch.Tensor]:

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_readme import SECRET, default_launch
 
 import wandb_records
-
-SECRET = "ringctl-test-key-0123456789abcdef0123456789abcdef"
 
 
 def ringctl(args: list[str], runs: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
@@ -32,14 +31,13 @@ def ringctl(args: list[str], runs: Path, timeout: float = 300, **env: str) -> su
 
 @pytest.fixture(scope="module")
 def local_job(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    runs = tmp_path_factory.mktemp("runs")
-    # exactly the README's command (plus a fake key in the environment, to prove it is not written)
-    done = ringctl(["launch", "+topology=2node"], runs, WANDB_API_KEY=SECRET)
-    assert done.returncode == 0, done.stdout + done.stderr
-    [entry] = [json.loads(line) for line in (runs / "index.jsonl").read_text().splitlines()]
-    folder = Path(entry["folder"])
-    return {"runs": runs, "entry": entry, "folder": folder, "stdout": done.stdout,
-            "results": json.loads((folder / "results.json").read_text())}
+    # exactly the README's command, as its user runs it in a shell of their own (HOME and the
+    # working directory a fresh folder, with a fake key in the environment, to prove it is
+    # not written): the same job tests/test_readme.py checks, run once per session
+    job = default_launch(tmp_path_factory)
+    folder = Path(job["entry"]["folder"])
+    return {"home": job["home"], "runs": job["home"] / "runs", "entry": job["entry"], "folder": folder,
+            "stdout": job["stdout"], "results": job["results"]}
 
 
 def test_runs_as_local_processes_in_two_virtual_nodes(local_job: dict) -> None:
@@ -96,7 +94,8 @@ def test_wandb_offline_run_holds_step_metrics(local_job: dict) -> None:
 
 
 def test_api_key_written_nowhere(local_job: dict) -> None:
-    leaked = [p for p in local_job["runs"].rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert local_job["folder"].is_relative_to(local_job["runs"])  # the job's files, W&B's included
+    leaked = [p for p in local_job["home"].rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
 
 

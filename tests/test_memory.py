@@ -237,21 +237,27 @@ def _channels(ring: Any) -> tuple[int, int, int]:
 def _worker(rank: int, world: int) -> dict[str, Any]:
     """Every plan of this world size in every direction, with several passes forced: what
     the ring did (on W = 2 and 3, first the measured peaks at real sizes: ``_peaks``)."""
-    import torch
-    import torch.nn.functional as F
-
-    from ringctl.ring import (
-        attention,
-        block,
-        comm_stats,
-        reset_comm_stats,
-        ring_attention,
-        shard_sequence,
-    )  # fmt: skip
+    from ringctl.ring import attention, block
 
     report: dict[str, Any] = {}
     if world in PEAK_WORLDS:  # before anything below changes passes and tiles
         report["peaks"] = _peaks(rank, world)
+    # the pool's processes run other calls next (tests/_dist.py): put back what is patched
+    saved = memory.MIN_PASS_WORK, block._max_rows, block._max_keys, attention._Ring.run
+    try:
+        _forced_passes(rank, world, report)
+    finally:
+        memory.MIN_PASS_WORK, block._max_rows, block._max_keys, attention._Ring.run = saved  # type: ignore[method-assign]
+    return report
+
+
+def _forced_passes(rank: int, world: int, report: dict[str, Any]) -> None:
+    """``_worker``'s plans with passes, tiles and runs patched (``_worker`` restores them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ringctl.ring import attention, block, comm_stats, reset_comm_stats, ring_attention, shard_sequence
+
     memory.MIN_PASS_WORK = {"torch": 1, "triton": 1}  # as many passes as the heads allow
     block._max_rows = lambda q, acc: 3  # and tiles cut in row pieces (diagonal ones from m > 1)
     block._max_keys = lambda q, acc: 3  # and in key pieces: square tiles, as bf16 gets them
@@ -308,8 +314,6 @@ def _worker(rank: int, world: int) -> dict[str, Any]:
                          "backward": [_channels(r) for r in backward]},
             "predicted_channels": est.buffers,
         }  # fmt: skip
-    attention._Ring.run = real_run  # type: ignore[method-assign]
-    return report
 
 
 @cache

@@ -27,8 +27,8 @@ def ringctl(args: list[str], runs: Path, timeout: float = 300) -> subprocess.Com
 def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     runs = tmp_path_factory.mktemp("runs")
     done = ringctl(
-        ["launch", "+topology=2node", "launcher=local", "workload.seq_len=512", "workload.iters=3", "workload.check=false",
-         "wandb=offline"], runs,
+        ["launch", "+topology=2node", "launcher=local", "launcher.local_ranks_per_node=1", "workload.seq_len=512",
+         "workload.iters=3", "workload.check=false", "wandb=offline"], runs,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     [entry] = [json.loads(line) for line in (runs / "index.jsonl").read_text().splitlines()]

@@ -16,7 +16,9 @@ example fails `test_every_readme_command_is_accounted_for` until it is placed he
   to still do so): the calibrate pair (about two minutes) and the custom-workload example;
 - synopsis lines (`ringctl status [JOB|FOLDER] ...`) are run in each of their forms.
 
-Every command runs exactly as the README writes it.
+Every command runs exactly as the README writes it. The first job, `ringctl launch
++topology=2node`, runs once per session with a (fake) W&B key in its environment, and
+tests/test_launch_local.py checks that same job further.
 One job per distinct command; about two to three minutes on 2 cores.
 """
 
@@ -155,13 +157,14 @@ class Shell:
         self.env.update(cluster_env or {})
         self.env.update(HOME=str(home), WANDB_SILENT="true", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
-    def run(self, command: str, *appended: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """A README command as written (checked to be one), `appended` after it."""
+    def run(self, command: str, *appended: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+        """A README command as written (checked to be one), `appended` after it, `env` added
+        to the shell's environment."""
         assert command in EXAMPLES or command == TRY_SLURM or _filled_in(command), command
-        return self.sh(" ".join([command, *appended]), timeout=timeout)
+        return self.sh(" ".join([command, *appended]), timeout=timeout, **env)
 
-    def sh(self, line: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=self.env, cwd=self.home, timeout=timeout)
+    def sh(self, line: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True, env={**self.env, **env}, cwd=self.home, timeout=timeout)
 
     def index(self) -> list[dict[str, Any]]:
         path = self.home / "runs" / "index.jsonl"
@@ -216,9 +219,37 @@ def test_examples_run_elsewhere_still_take_them_from_the_readme() -> None:
 # ---- run here: planning, composing, local jobs ----------------------------------------------
 
 
+#: a fake W&B key in the environment of the README's first job (test_launch_local checks
+#: that it is written nowhere)
+SECRET = "ringctl-test-key-0123456789abcdef0123456789abcdef"
+_SESSION: dict[str, Any] = {}
+
+
+def readme_user(tmp_path_factory: pytest.TempPathFactory) -> Shell:
+    """The README's user, one per session: test_launch_local checks the same first job."""
+    if "user" not in _SESSION:
+        _SESSION["user"] = Shell(tmp_path_factory.mktemp("readme-user"))
+    user: Shell = _SESSION["user"]
+    return user
+
+
+def default_launch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`ringctl launch +topology=2node`: the README's first job (and `make launch`'s), run
+    once per session (here and in test_launch_local, which checks it further), with a W&B
+    key in the environment as a user may have one."""
+    if "default" not in _SESSION:
+        user = readme_user(tmp_path_factory)
+        done = user.run("ringctl launch +topology=2node", WANDB_API_KEY=SECRET)
+        out = ok(done)
+        entry = user.last_job(overrides=["+topology=2node"])
+        _SESSION["default"] = {"entry": entry, "stdout": out, "results": results_of(entry), "home": user.home}
+    job: dict[str, Any] = _SESSION["default"]
+    return job
+
+
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> Shell:
-    return Shell(tmp_path_factory.mktemp("readme-user"))
+    return readme_user(tmp_path_factory)
 
 
 def test_plan_examples(local: Shell) -> None:
@@ -311,11 +342,8 @@ def test_your_own_cluster_config_dir(local: Shell) -> None:
 
 
 @pytest.fixture(scope="module")
-def default_job(local: Shell) -> dict[str, Any]:
-    """`ringctl launch +topology=2node`: the README's first job (and `make launch`'s)."""
-    done = local.run("ringctl launch +topology=2node")
-    entry = local.last_job(overrides=["+topology=2node"])
-    return {"entry": entry, "stdout": ok(done), "results": results_of(entry)}
+def default_job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return default_launch(tmp_path_factory)
 
 
 def test_default_launch_runs_locally_as_the_readme_says(local: Shell, default_job: dict[str, Any]) -> None:
