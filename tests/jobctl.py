@@ -22,6 +22,13 @@ TRAIN = [
 #: the configured timeout of the fault tests (launcher.init_timeout_s): a silent peer is
 #: declared dead after it, a collective gives up after it
 TIMEOUT_S = 20
+#: the block implementation of the jobs' CPU ranks, named: torch, which a CPU rank uses
+#: anyway. Unset, every rank of every attempt first imports the Triton kernels, only to find
+#: them unusable on CPU (for a job under test: `cli.env.update(TORCH_BLOCKS)`)
+TORCH_BLOCKS = {"RINGCTL_BLOCK_IMPL": "torch"}
+#: one rank on each of TRAIN's 2 nodes instead of 2, by launcher kind, for a test whose
+#: property is not about ranks sharing a node: half the ranks to start on 2 cores
+ONE_PER_NODE = {"local": "launcher.local_ranks_per_node=1", "slurm": "launcher.max_ranks_per_node=1"}
 
 
 class Cli:

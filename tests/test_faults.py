@@ -2,9 +2,10 @@
 
 - One rank SIGKILLed (dies without a word) or SIGSTOPped (silent, never exits), locally and
   under SLURM: every process of the job is gone and `ringctl launch` has returned within
-  the configured timeout (launcher.init_timeout_s) + 30 s of the fault, exit 1, naming the
-  rank and its node as the first cause, not its peers' "connection closed"; results.json
-  and `ringctl status` say the same, and the losses of the steps done are kept.
+  the configured timeout + 30 s of the fault (launcher.heartbeat_timeout_s, set to a few
+  seconds, for the silent rank; launcher.init_timeout_s for the dead one), exit 1, naming
+  the rank and its node as the first cause, not its peers' "connection closed";
+  results.json and `ringctl status` say the same, and the losses of the steps done are kept.
 - `ringctl cancel` of a local launch started in the background (`&`: SIGINT ignored) stops
   every process and says CANCELLED only then; of a SLURM job, the waiting launch reports a
   cancel, not a failure.
@@ -25,7 +26,9 @@ from typing import Any
 
 import pytest
 from jobctl import (
+    ONE_PER_NODE,
     TIMEOUT_S,
+    TORCH_BLOCKS,
     TRAIN,
     Cli,
     job_processes,
@@ -36,14 +39,34 @@ from jobctl import (
     wait_for,
 )
 
+from ringctl.local_controller import GRACE_ENV
+
 #: long enough never to finish during a test: the faults end them
 LONG = [*TRAIN, "wandb=disabled", "workload.steps=100000", "workload.checkpoint_every=3", f"launcher.init_timeout_s={TIMEOUT_S}"]
 BOUND_S = TIMEOUT_S + 30
+#: launcher.heartbeat_timeout_s of the silent-rank cases: the peers' watchdog finds the
+#: stopped rank this long after its last heartbeat (the default, init_timeout_s, only makes
+#: the test wait; below it, the watchdog and not a collective's timeout finds the rank; above
+#: the few seconds apart in which a loaded machine starts the ranks, so none is taken for
+#: one that never started). The dead-rank cases keep the default: the peers name a dead
+#: rank from the broken connection within seconds (ringctl.health.DEAD_AFTER_S), before
+#: any watchdog could call it silent.
+SILENT_S = 8
+#: the local controller's grace for the tasks left once the first exited (the stopped rank,
+#: once its peers' watchdog ended them), instead of 15 s (srun --wait under SLURM)
+SILENT_GRACE_S = 5
+
+
+def _timeouts(signum: int) -> tuple[list[str], float]:
+    """The fault's extra overrides, and its bound: the configured timeout + 30 s."""
+    if signum == signal.SIGSTOP:
+        return [f"launcher.heartbeat_timeout_s={SILENT_S}"], SILENT_S + 30
+    return [], BOUND_S
 
 
 @pytest.fixture(scope="module")
 def slurm(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Cli, Any]:
-    return Cli(tmp_path_factory.mktemp("faults"), slurm_cluster.env), slurm_cluster
+    return Cli(tmp_path_factory.mktemp("faults"), {**slurm_cluster.env, **TORCH_BLOCKS}), slurm_cluster
 
 
 def _fault(cli: Cli, tmp_path: Path, launcher: str, rank: int, signum: int) -> tuple[str, Path, str, float]:
@@ -51,12 +74,13 @@ def _fault(cli: Cli, tmp_path: Path, launcher: str, rank: int, signum: int) -> t
     job id, folder, launch's output and the seconds from the fault to launch's return and
     every process of the job gone."""
     out = tmp_path / "launch.out"
-    launch = cli.start("launch", *LONG, f"launcher={launcher}", out=out)
+    extra, bound = _timeouts(signum)
+    launch = cli.start("launch", *LONG, *extra, f"launcher={launcher}", out=out)
     job_id, folder = cli.job()
     wait_checkpoint(folder, 3)
     hit = kill_rank(folder, rank, signum)
     try:
-        code = launch.wait(timeout=BOUND_S + 60)
+        code = launch.wait(timeout=bound + 60)
     finally:
         launch.kill()
     wait_for(lambda: not job_processes(folder), 60, "every process of the job gone")
@@ -79,8 +103,11 @@ def _check_named(cli: Cli, job_id: str, folder: Path, output: str, rank: int, ki
 @pytest.mark.parametrize(("rank", "signum", "kind"), [(1, signal.SIGKILL, "died"), (2, signal.SIGSTOP, "silent")])
 def test_dead_rank_local(tmp_path: Path, rank: int, signum: int, kind: str) -> None:
     cli = Cli(tmp_path)
+    cli.env.update(TORCH_BLOCKS)
+    if signum == signal.SIGSTOP:
+        cli.env[GRACE_ENV] = str(SILENT_GRACE_S)
     job_id, folder, output, took = _fault(cli, tmp_path, "local", rank, signum)
-    assert took < BOUND_S, f"{took:.0f} s from the fault to a clean failure"
+    assert took < _timeouts(signum)[1], f"{took:.0f} s from the fault to a clean failure"
     _check_named(cli, job_id, folder, output, rank, kind)
     how = json.loads((folder / f"{job_id}_exits.json").read_text())["exits"][str(rank)]
     if signum == signal.SIGKILL:
@@ -95,20 +122,21 @@ def test_dead_rank_slurm(slurm: tuple[Cli, Any], tmp_path: Path, rank: int, sign
     cli, cluster = slurm
     before = len(cli.index())  # one runs root for the module: the job is the newest entry
     out = tmp_path / "launch.out"
-    launch = cli.start("launch", *LONG, "launcher=slurm", out=out)
+    extra, bound = _timeouts(signum)
+    launch = cli.start("launch", *LONG, *extra, "launcher=slurm", out=out)
     wait_for(lambda: len(cli.index()) > before, 120, "the job in the index")
     job_id, folder = cli.index()[-1]["job_id"], Path(cli.index()[-1]["folder"])
     wait_checkpoint(folder, 3)
     hit = kill_rank(folder, rank, signum)
     try:
-        code = launch.wait(timeout=BOUND_S + 60)
+        code = launch.wait(timeout=bound + 60)
     finally:
         launch.kill()
     wait_for(lambda: cli.sacct(job_id) not in ("", "RUNNING", "COMPLETING", "PENDING"), 60, "the job's end in sacct")
     wait_for(lambda: not job_processes(folder), 60, "every process of the job gone")
     took = time.monotonic() - hit
     assert code == 1, out.read_text()
-    assert took < BOUND_S, f"{took:.0f} s from the fault to a clean failure"
+    assert took < bound, f"{took:.0f} s from the fault to a clean failure"
     assert cli.sacct(job_id) == "FAILED"
     assert record(folder, rank)["node"] in cluster.node_names
     _check_named(cli, job_id, folder, out.read_text(), rank, kind)
@@ -118,7 +146,8 @@ def test_dead_rank_slurm(slurm: tuple[Cli, Any], tmp_path: Path, rank: int, sign
 def test_cancel_background_local_launch(tmp_path: Path) -> None:
     """`ringctl launch ... &` from a script (SIGINT ignored there): cancel stops it all."""
     cli = Cli(tmp_path)
-    args = shlex.join(["ringctl", "launch", *LONG, "launcher=local"])
+    cli.env.update(TORCH_BLOCKS)
+    args = shlex.join(["ringctl", "launch", *LONG, "launcher=local", ONE_PER_NODE["local"]])
     shell = subprocess.Popen(  # a non-interactive shell's background job, as scripts and CI do
         ["bash", "-c", f"{shlex.quote(sys.executable)} -m {args} > {tmp_path}/bg.out 2>&1 & wait"],
         env=cli.env,
@@ -147,7 +176,7 @@ def test_slurm_cancel_is_reported_as_cancel(slurm: tuple[Cli, Any], tmp_path: Pa
     cli, _ = slurm
     before = len(cli.index())
     out = tmp_path / "launch.out"
-    launch = cli.start("launch", *LONG, "launcher=slurm", out=out)
+    launch = cli.start("launch", *LONG, "launcher=slurm", ONE_PER_NODE["slurm"], out=out)
     wait_for(lambda: len(cli.index()) > before, 120, "the job in the index")
     job_id, folder = cli.index()[-1]["job_id"], Path(cli.index()[-1]["folder"])
     wait_checkpoint(folder, 3)
@@ -164,16 +193,16 @@ def test_slurmctld_restart_with_a_job_running(slurm: tuple[Cli, Any], tmp_path: 
     cli, cluster = slurm
     before = len(cli.index())
     out = tmp_path / "launch.out"
-    steps = 150  # ~0.1 s each: the job runs on through the controller's downtime
+    steps = 80  # ~0.1 s each: the job runs on through the controller's downtime
     launch = cli.start(
-        "launch", *TRAIN, "launcher=slurm", "wandb=disabled", f"workload.steps={steps}", "workload.checkpoint_every=3",
-        out=out,
+        "launch", *TRAIN, "launcher=slurm", ONE_PER_NODE["slurm"], "wandb=disabled", f"workload.steps={steps}",
+        "workload.checkpoint_every=3", out=out,
     )
     wait_for(lambda: len(cli.index()) > before, 120, "the job in the index")
     job_id, folder = cli.index()[-1]["job_id"], Path(cli.index()[-1]["folder"])
     wait_checkpoint(folder, 3)
     stopped_at = time.time()
-    down = restart_slurmctld(cluster.state_dir, cluster.slurm_conf, cluster.env, down_s=5.0)
+    down = restart_slurmctld(cluster.state_dir, cluster.slurm_conf, cluster.env, down_s=2.0)
     assert launch.wait(timeout=300) == 0, out.read_text()
     assert "COMPLETED" in out.read_text()
     assert (folder / "results.json").stat().st_mtime > stopped_at  # it was running when slurmctld went down
@@ -181,7 +210,7 @@ def test_slurmctld_restart_with_a_job_running(slurm: tuple[Cli, Any], tmp_path: 
     assert len(results["losses"]) == steps and results["attempt"] == 0  # it ran on, not requeued
     status = cli("status", job_id)
     assert f"job {job_id} (slurm): done (COMPLETED)" in status.stdout, status.stdout
-    print(f"slurmctld restart: down 5 s, answering {down:.1f} s after start; the job completed")
+    print(f"slurmctld restart: down 2 s, answering {down:.1f} s after start; the job completed")
 
 
 def test_status_asks_sacct_once_for_many_jobs(slurm: tuple[Cli, Any], tmp_path: Path) -> None:

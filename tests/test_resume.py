@@ -2,12 +2,12 @@
 and goes on exactly as if it had never stopped.
 
 - A torn checkpoint (cut short, garbage) is never loaded: the one before it is.
-- `scontrol requeue` of a running job (real SLURM, 2 nodes x 2 ranks): every rank stops at
+- `scontrol requeue` of a running job (real SLURM, 2 nodes x 1 rank): every rank stops at
   a step end with a checkpoint; the job requeues, resumes, completes; the waiting
   `ringctl launch` follows it through PENDING again and ends with exit 0.
-- The time limit's warning signal (`--signal`, a 1-minute limit): the job requeues itself,
-  lands on the other node (the test excludes the first one while it waits), re-plans its
-  ring there and completes.
+- The time limit's warning signal (`--signal`; the test cuts the running job's limit to 3
+  minutes): the job requeues itself, lands on the other node (the test excludes the first
+  one while it waits), re-plans its ring there and completes.
 - Locally, the warning signal restarts the tasks, which resume; past launcher.max_requeues
   the job stops with its checkpoint and says why.
 
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from jobctl import TRAIN, Cli, record, wait_checkpoint, wait_for
+from jobctl import ONE_PER_NODE, TORCH_BLOCKS, TRAIN, Cli, record, wait_checkpoint, wait_for
 from omegaconf import OmegaConf
 
 import wandb_records
@@ -87,7 +88,7 @@ def _check_resumed(folder: Path, steps: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cli(slurm_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Cli:
-    return Cli(tmp_path_factory.mktemp("resume"), slurm_cluster.env)
+    return Cli(tmp_path_factory.mktemp("resume"), {**slurm_cluster.env, **TORCH_BLOCKS})
 
 
 def _back_in_queue(cli: Cli, job_id: str) -> bool:
@@ -97,8 +98,8 @@ def _back_in_queue(cli: Cli, job_id: str) -> bool:
 def test_scontrol_requeue_resumes(cli: Cli, tmp_path: Path) -> None:
     steps = 16
     launch = cli.start(
-        "launch", *TRAIN, "launcher=slurm", "wandb=offline", f"workload.steps={steps}", "workload.checkpoint_every=4",
-        out=tmp_path / "launch.out",
+        "launch", *TRAIN, "launcher=slurm", ONE_PER_NODE["slurm"], "wandb=offline", f"workload.steps={steps}",
+        "workload.checkpoint_every=4", out=tmp_path / "launch.out",
     )
     job_id, folder = cli.job()
     wait_checkpoint(folder, 4)
@@ -126,21 +127,39 @@ def test_scontrol_requeue_resumes(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_time_limit_warning_requeues_onto_another_node(cli: Cli, slurm_cluster: Any) -> None:
-    """A 2-minute limit with the warning 60 s before it (SLURM sends it within a few
-    seconds of that; a minute leaves a loaded machine time to start the ranks, whose
-    handlers must be in place): rank 0 requeues the job itself (up to launcher.max_requeues
-    times).
+    """The warning signal of a time limit (sbatch --signal): rank 0 requeues the job itself
+    (up to launcher.max_requeues times). The job starts with a 10-minute limit and the
+    warning `warn_s` before its end, so no warning can come before the ranks' handlers are
+    in place; once it has checkpointed, the test cuts its limit to 3 minutes, which makes
+    the warning due at once: slurmctld sends it at its next time-limit check (every 30 s; it
+    sends a warning up to 30 s before it is due), minutes before the cut limit would end it.
+    Until then the ranks are stopped (SIGSTOP): SLURM sends SIGCONT before the warning, so
+    the job has the steps it had left whenever the check comes.
     While it waits in the queue the test keeps it off its first node and gives it 10
     minutes, so it resumes once, on the other node, with a ring planned for that node."""
-    steps = 1500  # ~0.06 s each on 2 ranks (more under load): the warning comes mid-run
+    warn_s = 170  # > 3 minutes - 30 s: due as soon as the limit is cut to 3 minutes
+    steps = 150
     done = cli(
         "launch", "+topology=1node", *TRAIN[1:], "launcher=slurm", "wandb=offline", f"workload.steps={steps}",
-        "workload.checkpoint_every=100", "launcher.time_min=2", "+launcher.additional.signal_delay_s=60", "wait=false",
+        "workload.checkpoint_every=25", "launcher.time_min=10", f"+launcher.additional.signal_delay_s={warn_s}",
+        "wait=false",
     )
     assert done.returncode == 0, done.stderr
     job_id = next(e["job_id"] for e in reversed(cli.index()))
     folder = next(Path(e["folder"]) for e in cli.index() if e["job_id"] == job_id)
-    wait_for(lambda: _back_in_queue(cli, job_id) and (folder / "attempts.jsonl").exists(), 240, "the requeue")
+    wait_checkpoint(folder, 25)  # every rank is in the workload: ringctl's signal handlers are set
+    pids = [int(record(folder, rank)["pid"]) for rank in range(2)]
+    for pid in pids:  # stopped first: no warning can come before the cut
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        cli.slurm("scontrol", "update", f"JobId={job_id}", "TimeLimit=3")
+        wait_for(lambda: _back_in_queue(cli, job_id) and (folder / "attempts.jsonl").exists(), 120, "the requeue")
+    finally:
+        for pid in pids:  # should no warning have come (a failure), nothing is left stopped
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     first = json.loads((folder / "attempts.jsonl").read_text().splitlines()[0])
     cli.slurm("scontrol", "update", f"JobId={job_id}", f"ExcNodeList={first['node_names'][0]}", "TimeLimit=10")
     cli.slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
@@ -161,21 +180,21 @@ def test_local_warning_signal_requeues_up_to_the_limit(tmp_path: Path) -> None:
     mid-run makes the local controller restart the tasks, which resume from the checkpoint
     of that step; the second warning finds the limit reached, and the job fails saying so,
     its checkpoint and its losses (equal to the uninterrupted run's) kept."""
-    import signal
-
     local = Cli(tmp_path)
+    local.env.update(TORCH_BLOCKS)
     launch = local.start(
-        "launch", *TRAIN, "launcher=local", "wandb=offline", "workload.steps=100000", "workload.checkpoint_every=3",
+        "launch", *TRAIN, "launcher=local", ONE_PER_NODE["local"], "wandb=offline", "workload.steps=100000",
+        "workload.checkpoint_every=3",
         "launcher.max_requeues=1", out=tmp_path / "launch.out",
     )
     _, folder = local.job()
     wait_checkpoint(folder, 3)
-    for rank in range(4):
+    for rank in range(2):
         os.kill(int(record(folder, rank)["pid"]), signal.SIGUSR2)
-    wait_for((folder / "health" / "attempt-1" / "rank3.json").exists, 120, "the restarted tasks")
+    wait_for((folder / "health" / "attempt-1" / "rank1.json").exists, 120, "the restarted tasks")
     resumed = json.loads((folder / "attempts.jsonl").read_text().splitlines()[1])["step"]
     wait_checkpoint(folder, (resumed // 3 + 2) * 3)  # the resumed run got on
-    for rank in range(4):
+    for rank in range(2):
         os.kill(int(record(folder, rank, attempt=1)["pid"]), signal.SIGUSR2)
     assert launch.wait(timeout=300) == 1, (tmp_path / "launch.out").read_text()
     out = (tmp_path / "launch.out").read_text()

@@ -60,11 +60,12 @@ def environment(runs: Path, tmp_path: Path, extra: dict[str, str] | None = None)
     (tmp_path / "userpkg" / "ringctl_secret_probe.py").write_text(USER_MODULE)
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CONF", "RINGCTL_MAX_RANKS_PER_NODE")}
     env.update(FAKE)
+    env.update(extra or {})  # first: a cluster's environment carries this process's PYTHONPATH
     env.update(
         RINGCTL_RUNS=str(runs), WANDB_SILENT="true",
+        RINGCTL_BLOCK_IMPL="torch",  # what CPU ranks use anyway, without importing the Triton kernels first
         PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "userpkg"), os.environ.get("PYTHONPATH")])),
     )
-    env.update(extra or {})
     return env
 
 
@@ -81,13 +82,14 @@ def test_local_train_job_writes_no_secret(tmp_path: Path) -> None:
     the variables, with fake secrets in the environment; then every file is searched."""
     runs = tmp_path / "runs"
     env = environment(runs, tmp_path)
+    one_rank = "launcher.local_ranks_per_node=1"  # 2 virtual nodes x 1 rank: every kind of file, fewer ranks
     train = ringctl(
-        ["launch", "+topology=2node", "launcher=local", "workload=train", "workload.steps=2",
+        ["launch", "+topology=2node", "launcher=local", one_rank, "workload=train", "workload.steps=2",
          "workload.checkpoint_every=1", "wandb=offline"], env,
     )
     assert train.returncode == 0, train.stdout + train.stderr
     probe = ringctl(
-        ["launch", "+topology=2node", "launcher=local", "workload=custom",
+        ["launch", "+topology=2node", "launcher=local", one_rank, "workload=custom",
          "workload.entry=ringctl_secret_probe:env_seen", "wandb=disabled"], env,
     )
     assert probe.returncode == 0, probe.stdout + probe.stderr
@@ -124,7 +126,7 @@ def test_secret_in_config_is_refused(tmp_path: Path) -> None:
 def test_slurm_job_writes_no_secret(slurm_cluster: Any, tmp_path: Path) -> None:
     """The same on the dev cluster: sbatch script, pickles, srun logs, results.json."""
     runs = tmp_path / "runs"
-    env = environment(runs, tmp_path, {**slurm_cluster.env, "RINGCTL_MAX_RANKS_PER_NODE": "2"})
+    env = environment(runs, tmp_path, {**slurm_cluster.env, "RINGCTL_MAX_RANKS_PER_NODE": "1"})  # 2 nodes x 1 rank
     env.update(FAKE)
     done = ringctl(
         ["launch", "+topology=2node", "launcher=slurm", "workload=custom",
