@@ -98,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from ringctl.plan import Workload, estimate, make_plan
     from ringctl.ring import comm_stats, reset_comm_stats, ring_attention
-    from ringctl.workloads.calibrate import Shape, measure_step_overhead
+    from ringctl.workloads.calibrate import Shape, measure_step_overhead, rate_without_overhead
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
@@ -148,7 +148,7 @@ def worker(args: argparse.Namespace) -> None:
         shape_ = Shape(1, s * world, heads, kv_heads, HEAD_DIM, "float32", "contiguous", False)
         zero = _topology(world, args.links, args.rate_GBps, tflops0, efficiency)
         overhead_us = measure_step_overhead(shape_, zero, rank, torch.device("cpu"))["step_overhead_us"]
-        tflops = flops / max(compute_s - 2 * overhead_us * 1e-6, compute_s / 2) / 1e12
+        tflops, _subtracted = rate_without_overhead(flops, compute_s, 2, overhead_us * 1e-6)
         topo = _topology(world, args.links, args.rate_GBps, tflops, efficiency, overhead_us)
         directions = directions_for(kv_heads)
         plans = {d: make_plan(topo, layout="contiguous", direction=d) for d in directions}

@@ -923,6 +923,7 @@ def _tokenring_estimate(
     a step onto another): then only the flows touching node 0 are priced, O(W L) a phase;
     otherwise all of them, O(W^2)."""
     W, N, L = plan.world_size, plan.nodes, plan.inner_size
+    kv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, w.dtype_bytes)  # the K/V a step reads: its own, home
     order = plan.ring_order
     hierarchical = plan.algorithm == "hierarchical"
     mine = _node_zero_positions(plan)
@@ -938,7 +939,6 @@ def _tokenring_estimate(
         sources = ring_sources(((N, L), (L, 1)) if hierarchical else ((W, 1),), W)  # [step][p]: whose queries p holds
         computes = _busy_computes(topo, w, [max(matrix[src][p] for p, src in enumerate(row)) for row in sources])
     else:
-        kv = _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, w.dtype_bytes)
         computes = {phase: [step_compute(topo, pair[phase] * s * s, kv)] * W for phase in PHASES}
     times: dict[str, float] = {}
     worst: dict[str, dict[str, float]] = {}
@@ -991,11 +991,7 @@ def _tokenring_estimate(
     }
     transfer = {link: _path(topo.link(link)).time(worst["forward"][link]) for link in LINKS}
     return Cost(
-        block_tokens=s,
-        compute_s={
-            phase: step_compute(topo, pair[phase] * s * s, _kv_bytes(w.batch, s, w.kv_heads, w.head_dim, w.dtype_bytes))
-            for phase in PHASES
-        },
+        block_tokens=s, compute_s={phase: step_compute(topo, pair[phase] * s * s, kv) for phase in PHASES},
         transfer_s=transfer, step_time_s=step, forward_s=times["forward"], backward_s=times["backward"],
         bytes_per_step=per_step, bytes_total=totals, min_block_tokens=need, inter_flows_per_nic=flows_per_nic,
         documents=docs,
