@@ -179,10 +179,10 @@ def set_threads(config: dict[str, Any]) -> Threads:
     return threads
 
 
-def _init_distributed(cfg: Any) -> tuple[Any, Any]:
+def _init_distributed(cfg: Any, folder: Path, attempt: int) -> tuple[Any, Any]:
     """init_process_group from submitit's job environment (submitit's
-    TorchDistributedEnvironment: MASTER_ADDR = first node, port from the job id); returns
-    (device, env)."""
+    TorchDistributedEnvironment: MASTER_ADDR = first node), on a port known free (see
+    `_rendezvous_port`); returns (device, env)."""
     import submitit
     import torch
     import torch.distributed as dist
@@ -190,8 +190,11 @@ def _init_distributed(cfg: Any) -> tuple[Any, Any]:
     from ringctl.local_controller import PORT_ENV
 
     dist_env = submitit.helpers.TorchDistributedEnvironment()
+    timeout_s = int(cfg.launcher.get("init_timeout_s", 120))
     if os.environ.get(PORT_ENV):  # a local attempt: the port its controller found free
         dist_env.master_port = int(os.environ[PORT_ENV])
+    elif os.environ.get("SLURM_JOB_ID"):
+        dist_env.master_port = _rendezvous_port(folder, dist_env.rank, attempt, timeout_s)
     env = dist_env.export(set_cuda_visible_devices=False)
     use_cuda = torch.cuda.is_available() and int(cfg.resources.gpus_per_node) > 0
     if use_cuda:
@@ -200,12 +203,45 @@ def _init_distributed(cfg: Any) -> tuple[Any, Any]:
     else:
         device = torch.device("cpu")
     _bind_gloo_nic(env.local_rank)
-    timeout_s = int(cfg.launcher.get("init_timeout_s", 120))
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
         rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
     )
     return device, env
+
+
+def _rendezvous_port(folder: Path, rank: int, attempt: int, timeout_s: float) -> int:
+    """The TCPStore port of a SLURM job attempt. submitit draws it from the job id in
+    20000-60000, which overlaps the kernel's ephemeral range, so any connection on the
+    first node (another job's gloo, for one) can hold it and fail rank 0 with EADDRINUSE.
+    Instead rank 0 (on the first node, MASTER_ADDR) takes a port the kernel reports free and
+    publishes it in the job folder (shared by every node, as submitit requires); the other
+    ranks wait for it there."""
+    from ringctl.local_controller import free_port
+
+    step = os.environ.get("SLURM_STEP_ID", "0")
+    path = folder / f"{os.environ['SLURM_JOB_ID']}_rendezvous_{attempt}_{step}.port"
+    if rank == 0:
+        port = free_port()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(path)  # atomic: a reader sees the whole port or no file
+        return port
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = path.read_text().strip()
+            if text.isdigit():
+                return int(text)
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {rank}: rank 0 published no rendezvous port in {path} within "
+                f"launcher.init_timeout_s={timeout_s:g} s (is the job folder shared by every node, "
+                "and did rank 0 start?)"
+            )
+        time.sleep(0.05)
 
 
 def _bind_gloo_nic(local_rank: int) -> None:
@@ -390,7 +426,7 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
     _install_signal_handlers()
     try:
         try:
-            device, env = _init_distributed(cfg)
+            device, env = _init_distributed(cfg, folder, attempt)
             threads_per_rank: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(threads_per_rank, threads.count)
             state.ctx = _context(cfg, folder, device, env.local_rank, attempt)

@@ -109,6 +109,9 @@ def test_two_slurm_nodes(cli: Cli) -> None:
     assert results["bytes"]["forward"]["inter"]["measured_total"] > 0
     assert Path(results["wandb"]["run_dir"]).is_dir()
     assert cli.final_state(entry["job_id"]) == "COMPLETED"
+    # the 16 ranks met on the port rank 0 found free and published, not submitit's pick
+    [published] = Path(entry["folder"]).glob(f"{entry['job_id']}_rendezvous_0_*.port")
+    assert 1024 <= int(published.read_text()) <= 65535
 
 
 def test_sweep_is_one_job_array(cli: Cli) -> None:
