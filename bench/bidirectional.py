@@ -14,8 +14,10 @@ does: on a switch the port's efficiency under flows to two peers (shared_port_ef
 the fixed cost of a ring step (step_overhead_us) and the block compute rate (a ring of one
 on the same shard size and query heads); with them and the fabric's tbf rate it asks the
 planner for its prediction of each direction and for its `direction=auto` choice, and
-prints beside them the errors and the choice of the model without the first two figures. Bytes sent per phase,
-link class and direction are checked against the plan's prediction in every call.
+prints beside them the errors and the choice of the model without the first two figures,
+and auto's choice without its margin (topology.direction_min_gain=0: the fastest
+prediction). Bytes sent per phase, link class and direction are checked against the plan's
+prediction in every call.
 
 Goal (issue 13): bidirectional / one-way <= 0.6 where link-bound on the mesh (~1.0 on a
 switch: a one-way ring already keeps every NIC busy both ways), predictions within +-25%,
@@ -175,6 +177,8 @@ def worker(args: argparse.Namespace) -> None:
             "predicted": {d: estimate(p, workload).total_s for d, p in plans.items()}, "auto": auto.direction,
             "predicted_full_rate": {d: estimate(p, workload).total_s for d, p in plans1.items()},
             "auto_full_rate": make_plan(before, layout="contiguous", direction="auto", workload=workload).direction,
+            "auto_no_margin": make_plan(topo, layout="contiguous", direction="auto", workload=workload,
+                                        direction_min_gain=0.0).direction,
             "efficiency": efficiency, "probe": probe, "step_overhead_us": overhead_us,
         }  # fmt: skip
     if rank == 0:
@@ -232,7 +236,7 @@ def format_row(nodes: int, links: str, shape: str, res: dict[str, Any]) -> str:
         f"{'=plan' if res['bytes_match_plan'] else 'MISMATCH'}  (block compute {res['compute_s']:.3f} s; "
         f"port efficiency {res['efficiency']:.3f}; step overhead {res['step_overhead_us'] / 1e3:.1f} ms; "
         f"without both: err one/bi/tr {'/'.join(_cell(err1, d, '+.0%', 1) for d in DIRECTIONS)}, "
-        f"auto {res['auto_full_rate']})"
+        f"auto {res['auto_full_rate']}; auto with no min gain: {res.get('auto_no_margin', '?')})"
     )
 
 

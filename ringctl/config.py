@@ -72,6 +72,8 @@ class TopologyConfig:
     # one_way | bidirectional (K/V heads split, half each way round the ring) | tokenring
     # (queries travel, partial results go straight back to their owners) | auto
     direction: str = MISSING
+    # direction=auto leaves one_way only for a predicted gain of at least this fraction
+    direction_min_gain: float = MISSING
     order: str = MISSING
     distribution: str = MISSING
     virtual_node_size: int | None = MISSING

@@ -48,6 +48,13 @@ PHASES = ("forward", "backward")
 DIRECTIONS = ("one_way", "bidirectional", "tokenring")
 #: what topology.direction may say: a direction, or `auto` (the cost model's fastest)
 DIRECTION_CHOICES = ("auto", *DIRECTIONS)
+#: direction=auto leaves the one-way ring only for a strategy the cost model predicts at
+#: least this fraction faster (topology.direction_min_gain). The other strategies hold more
+#: memory (TokenRing: its queries, dout and the partials travel) and talk to more peers, and
+#: the model prices them with wider error (tens of percent on a shared switch port): a
+#: near-tie is not worth that risk, and staying costs at most this fraction if the model is
+#: right. 0: the fastest prediction, whatever the margin.
+DIRECTION_MIN_GAIN = 0.1
 #: which way a hop goes, as byte counters label it: lane 0 to the next ring position, lane 1
 #: (bidirectional) to the previous one; TokenRing: its queries "next", its partials on their
 #: way back to their owners "prev"
@@ -208,6 +215,8 @@ class RingPlan:
     direction: str = "one_way"
     #: what topology.direction asked for: the direction itself, or "auto"
     direction_requested: str = field(default="", compare=False)
+    #: auto's margin for leaving the one-way ring (topology.direction_min_gain)
+    direction_min_gain: float = field(default=DIRECTION_MIN_GAIN, compare=False)
     _positions: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -412,6 +421,7 @@ class RingPlan:
             "ring_requested": self.requested or self.algorithm,
             "direction": self.direction,
             "direction_requested": self.direction_requested or self.direction,
+            "direction_min_gain": self.direction_min_gain,
             "layout": self.layout,
             "world_size": self.world_size,
             "nodes": self.nodes,
@@ -485,6 +495,7 @@ def make_plan(
     order: str = "node",
     workload: Workload | None = None,
     direction: str = "one_way",
+    direction_min_gain: float = DIRECTION_MIN_GAIN,
 ) -> RingPlan:
     """The plan for `topology`. order="node" (default): node-contiguous ring order;
     order="rank": the rank-order ring 0..W-1 (the topology-blind baseline; flat only), so
@@ -492,9 +503,11 @@ def make_plan(
     algorithm the cost model predicts fastest for `workload` (the default Workload when
     none is given), among those the topology allows. direction: one_way | bidirectional |
     tokenring | auto (DIRECTION_CHOICES; auto: the fastest for `workload`, ties going to
-    the first in DIRECTIONS order)."""
+    the first in DIRECTIONS order, but the one-way ring unless the fastest is predicted at
+    least `direction_min_gain` faster than it: DIRECTION_MIN_GAIN)."""
     if direction not in DIRECTION_CHOICES:
         raise ConfigError("topology.direction", direction, " | ".join(DIRECTION_CHOICES))
+    check_min_gain(direction_min_gain)
     if algorithm not in RING_CHOICES:
         raise ConfigError("topology.ring", algorithm, " | ".join(RING_CHOICES))
     if layout not in LAYOUTS:
@@ -510,14 +523,37 @@ def make_plan(
         )  # fmt: skip
     directions = _feasible_directions(priced) if direction == "auto" else (direction,)
     algorithms = _feasible(topology, order) if algorithm == "auto" else (algorithm,)
+    gain = float(direction_min_gain)
     candidates = [
-        replace(_build(topology, layout, a, order), direction=d, direction_requested=direction)
-        for a in algorithms for d in directions
+        replace(_build(topology, layout, a, order), direction=d, direction_requested=direction, direction_min_gain=gain)
+        for a in algorithms
+        for d in directions
     ]
     if len(candidates) == 1:
         return replace(candidates[0], requested=algorithm)
-    best = min(candidates, key=lambda p: estimate(p, priced).total_s)  # ties: the first
-    return replace(best, requested=algorithm)
+    return replace(_fastest(candidates, priced, direction_min_gain), requested=algorithm)
+
+
+def _fastest(candidates: list[RingPlan], workload: Workload, min_gain: float) -> RingPlan:
+    """The candidate predicted fastest (ties: the first), unless it leaves the one-way ring
+    for less than `min_gain` (a fraction) over the fastest one-way candidate."""
+    totals = [estimate(p, workload).total_s for p in candidates]
+    best = min(range(len(candidates)), key=totals.__getitem__)
+    one_way = [i for i, p in enumerate(candidates) if p.direction == "one_way"]
+    if candidates[best].direction != "one_way" and one_way:
+        stay = min(one_way, key=totals.__getitem__)
+        if totals[best] > (1.0 - min_gain) * totals[stay]:
+            return candidates[stay]
+    return candidates[best]
+
+
+def check_min_gain(value: object, key: str = "topology.direction_min_gain") -> float:
+    """`value` if it is a number in [0, 1), else ConfigError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(
+            key, value, "a number in [0, 1): the least predicted gain (a fraction) for which direction=auto leaves the one-way ring",
+        )  # fmt: skip
+    return float(value)
 
 
 def _feasible_directions(workload: Workload) -> tuple[str, ...]:
@@ -595,6 +631,7 @@ def plan_from_config(topology: Topology, topology_cfg: Any, workload_cfg: Any) -
         order=setting(topology_cfg, "order", "node"),
         workload=workload,
         direction=setting(topology_cfg, "direction", "auto"),
+        direction_min_gain=setting(topology_cfg, "direction_min_gain", DIRECTION_MIN_GAIN),
     )
     plan.check_seq_len(workload.seq_len)
     return plan, workload

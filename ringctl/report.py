@@ -136,7 +136,9 @@ def direction_table(plan: RingPlan, workload: Workload) -> Any:
     w = workload
     plans = {d: replace(plan, direction=d) for d in DIRECTIONS if d != "bidirectional" or w.kv_heads >= 2}
     costs = {d: estimate(p, w) for d, p in plans.items()}
-    how = " (chosen by topology.direction=auto)" if plan.direction_requested == "auto" else ""
+    how = ""
+    if plan.direction_requested == "auto":
+        how = f" (chosen by topology.direction=auto: one_way unless another is predicted >= {plan.direction_min_gain:.0%} faster)"
     links = ", ".join(f"{link} {plan.topology.link(link).links}" for link in ("intra", "inter")) if plan.topology else ""
     table = Table(title=f"Direction: {plan.algorithm} ring, {' vs '.join(plans)}{how}; links: {links}", title_justify="left")
     table.add_column("")

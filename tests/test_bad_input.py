@@ -39,6 +39,10 @@ CASES: dict[str, tuple[Any, ...]] = {
         ["workload.check_seq_len=6", "multiple of 4"],
     ),
     "unknown layout": (["+topology=2node", "workload.layout=spiral"], ["workload.layout='spiral'", "zigzag"]),
+    "direction margin out of range": (
+        ["+topology=2node", "launcher=local", "topology.direction_min_gain=1.5"],
+        ["topology.direction_min_gain=1.5", "a number in [0, 1)"],
+    ),
     "kv heads do not divide heads": (["+topology=2node", "workload.kv_heads=3"], ["workload.kv_heads=3", "divisor"]),
     "uneven tasks per node": (
         ["+topology=2node", "launcher=slurm", "topology.ranks_per_node=[3,2]"],

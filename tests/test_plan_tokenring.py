@@ -351,11 +351,36 @@ def test_auto_is_the_cheapest_direction(heads: tuple[int, int], links: str) -> N
     w = Workload(batch=1, seq_len=7680, heads=heads[0], kv_heads=heads[1], head_dim=64, dtype="float32", causal=True)
     topo = _fabric(3, links, per_node=2)
     for algorithm in ("flat", "hierarchical"):
-        chosen = make_plan(topo, algorithm=algorithm, direction="auto", workload=w)
+        chosen = make_plan(topo, algorithm=algorithm, direction="auto", workload=w, direction_min_gain=0.0)
         totals = {d: estimate(make_plan(topo, algorithm=algorithm, direction=d), w).total_s for d in DIRECTIONS if d != "bidirectional" or w.kv_heads > 1}
         assert estimate(chosen, w).total_s == min(totals.values())
         assert chosen.direction == min(totals, key=totals.__getitem__)  # ties: DIRECTIONS order
         assert chosen.direction_requested == "auto"
+
+
+def test_auto_leaves_one_way_only_for_the_min_gain() -> None:
+    """4 nodes on a switch, Hq = Hkv: TokenRing is predicted 9.7% faster than one-way, under
+    the default margin (topology.direction_min_gain = 0.1): auto stays one-way; with no
+    margin it takes TokenRing; on a mesh (TokenRing far ahead) the margin changes nothing."""
+    w = Workload(batch=1, seq_len=1536, heads=8, kv_heads=8, head_dim=64, dtype="float32", causal=False)
+    topo = _fabric(4, "switch")
+    costs = {d: estimate(make_plan(topo, direction=d), w).total_s for d in ("one_way", "tokenring")}
+    assert 0.9 * costs["one_way"] < costs["tokenring"] < costs["one_way"]
+    stay = make_plan(topo, direction="auto", workload=w)
+    assert (stay.direction, stay.direction_min_gain, stay.direction_requested) == ("one_way", 0.1, "auto")
+    assert make_plan(topo, direction="auto", workload=w, direction_min_gain=0.0).direction == "tokenring"
+    assert make_plan(topo, direction="auto", workload=w, direction_min_gain=0.09).direction == "tokenring"
+    assert make_plan(_fabric(4, "mesh"), direction="auto", workload=w, direction_min_gain=0.1).direction != "one_way"
+    # forced: the margin does not apply
+    assert make_plan(topo, direction="tokenring", workload=w).direction == "tokenring"
+    assert stay.to_dict()["direction_min_gain"] == 0.1
+    assert "predicted >= 10% faster" in str(direction_table(stay, w).title)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, True, "0.1", None])
+def test_bad_min_gain_names_the_key(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"topology\.direction_min_gain=.*allowed: a number in \[0, 1\)"):
+        make_plan(_fabric(3, "switch"), direction="auto", workload=LINK_BOUND, direction_min_gain=bad)  # type: ignore[arg-type]
 
 
 # ---- what `ringctl plan` shows -----------------------------------------------------------------
