@@ -8,10 +8,11 @@ crosses a tbf-throttled link) is brought up; one srun job (one task per node, gl
 eth0) fills a ``RingKVCache`` (zigzag, GQA Hq = 4 Hkv, float32, one layer) with P cached
 tokens, appends T new ones, and times ``cached_attention`` for T/(T+P) in {1, 0.25, 0.05,
 0.01} at the same T + P, with mode pass_kv, pass_q and auto in interleaved rounds (the
-order rotates every round; every point in every round), reporting the slowest rank's
-seconds per call. The job first measures the compute model's three figures (a ring of one
-per rank, all ranks at once, for the first two): the FLOP rate (a shard's full causal
-prefill), the rate K/V stream when queries are few (one new token over a shard of cached
+order rotates every time; every point in every round, a point whose faster mode is short
+several times a round, up to SAMPLE_S of it), reporting the slowest rank's seconds per
+call, the median over its samples. The job first measures the compute model's three
+figures (a ring of one per rank, all ranks at once, for the first two): the FLOP rate (a
+shard's full causal prefill), the rate K/V stream when queries are few (one new token over a shard of cached
 ones, less one over a few: ``memory_bandwidth_GBps``) and the fixed cost of a ring step
 (calls on the ring whose blocks are tiny, less the model's prediction for them without it,
 per step: ``step_overhead_us``). It builds a Topology with them whose inter link is the
@@ -47,6 +48,8 @@ INTER_LATENCY_US = 704.0  # emulated3node.yaml: bench/calibrate.py, a 4-byte hop
 LAYOUT = "zigzag"
 TINY = 8  # cached tokens per rank of the step-overhead probe
 TINY_QUERIES = (1, 8)  # its new tokens per rank: the fixed cost is the median over both sizes and modes
+SAMPLE_S = 0.3  # a point whose faster mode takes t s is timed round(SAMPLE_S / t) times a round ...
+MAX_REPS = 15  # ... at most this many
 
 
 def points(context: int, fractions: tuple[float, ...] = FRACTIONS) -> list[tuple[int, int]]:
@@ -205,16 +208,22 @@ def worker(args: argparse.Namespace) -> None:
                       "want": want, "times": {m: [] for m in MODES}})  # fmt: skip
         for mode in MODES:  # warm-up: connections, the shape check's all_gather
             cached_attention(q, cache, 0, mode=mode)
+        # short calls are noisier (a scheduler slice, a late wake-up is a larger share of
+        # them): a point whose faster call is short is timed `reps` times per round
+        fast = min(timed(lambda: cached_attention(q, cache, 0, mode=m)) for m in ("pass_kv", "pass_q"))  # noqa: B023
+        cases[-1]["reps"] = max(1, min(MAX_REPS, round(SAMPLE_S / fast)))
 
     bytes_ok = True
     for r in range(args.rounds):
-        order = MODES[r % 3 :] + MODES[: r % 3]  # rotate which mode goes first
         for case in cases:
-            for mode in order:
-                reset_comm_stats()
-                case["times"][mode].append(timed(lambda: cached_attention(case["q"], case["cache"], 0, mode=mode)))  # noqa: B023
-                sent = comm_stats()["forward"]
-                bytes_ok &= all(sent.get(link, 0) == per[rank] for link, per in case["want"][mode].items())
+            for k in range(case["reps"]):
+                turn_no = r * case["reps"] + k
+                order = MODES[turn_no % 3 :] + MODES[: turn_no % 3]  # rotate which mode goes first
+                for mode in order:
+                    reset_comm_stats()
+                    case["times"][mode].append(timed(lambda: cached_attention(case["q"], case["cache"], 0, mode=mode)))  # noqa: B023
+                    sent = comm_stats()["forward"]
+                    bytes_ok &= all(sent.get(link, 0) == per[rank] for link, per in case["want"][mode].items())
     ok = torch.tensor([int(bytes_ok)])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if rank == 0:
@@ -223,7 +232,7 @@ def worker(args: argparse.Namespace) -> None:
             "step_overhead_s": overhead_s, "memory_GBps": bandwidth,
             "stream_s": stream_s,
             "points": [{
-                "new": c["new"], "cached": c["cached"], "times": c["times"], "auto": c["auto"],
+                "new": c["new"], "cached": c["cached"], "times": c["times"], "auto": c["auto"], "reps": c["reps"],
                 "predicted": {m: cost.predicted_s for m, cost in c["costs"].items()},
                 "predicted_compute": {m: cost.compute_s for m, cost in c["costs"].items()},
                 "predicted_flops_only": {m: cost.predicted_s for m, cost in c["costs0"].items()},
@@ -266,7 +275,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]
           f"{'= plan' if res['bytes_match_plan'] else 'MISMATCH plan'}")  # fmt: skip
     print(f"{'T/(T+P)':>7s} {'T':>5s} {'P':>5s} {'kv s':>7s} {'q s':>7s} {'auto s':>7s} {'q/kv':>5s} "
           f"{'pred kv':>7s} {'pred q':>7s} {'err kv':>6s} {'err q':>6s} {'auto':>7s} {'fastest':>7s} "
-          f"{'auto/f':>6s} {'kv MB':>6s} {'q MB':>6s} {'err0 kv':>7s} {'err0 q':>6s}")  # fmt: skip
+          f"{'auto/f':>6s} {'n':>3s} {'kv MB':>6s} {'q MB':>6s} {'err0 kv':>7s} {'err0 q':>6s}")  # fmt: skip
     rows = []
     for target, p in zip(FRACTIONS, res["points"], strict=True):
         med = {m: statistics.median(p["times"][m]) for m in MODES}
@@ -278,7 +287,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]
         print(f"{frac:7.2f} {p['new']:5d} {p['cached']:5d} {med['pass_kv']:7.3f} {med['pass_q']:7.3f} "
               f"{med['auto']:7.3f} {med['pass_q'] / med['pass_kv']:5.2f} {pred['pass_kv']:7.3f} {pred['pass_q']:7.3f} "
               f"{err['pass_kv']:+6.0%} {err['pass_q']:+6.0%} {p['auto']:>7s} {fastest:>7s} "
-              f"{med['auto'] / med[fastest]:6.2f} {p['bytes_rank0']['pass_kv'] / 1e6:6.2f} "
+              f"{med['auto'] / med[fastest]:6.2f} {len(p['times']['auto']):3d} {p['bytes_rank0']['pass_kv'] / 1e6:6.2f} "
               f"{p['bytes_rank0']['pass_q'] / 1e6:6.2f} {err0['pass_kv']:+7.0%} {err0['pass_q']:+6.0%}")  # fmt: skip
         rows.append({"fraction": target, "measured": med, "predicted": pred})
     return rows
@@ -316,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"uptime load before: {_load()}; {args.nodes} nodes x 1 rank, tbf {args.inter} each way, switch; "
           f"B={args.batch}, Hq/Hkv={GQA * args.kv_heads}/{args.kv_heads} x {args.head_dim}, float32, {LAYOUT} cache, "
-          f"T+P={args.context}, one layer; seconds = slowest rank, median of {args.rounds} interleaved rounds")  # fmt: skip
+          f"T+P={args.context}, one layer; seconds = slowest rank, median of {args.rounds} interleaved rounds "
+          f"(n: samples per mode, more for short calls)")  # fmt: skip
     cluster = start(
         Path(f"/tmp/ringctl-infer-{os.getpid()}"), nodes=args.nodes, cpus=1,
         prefix=f"ib{os.getpid() % 10000}n", fabric=f"inter={args.inter}",
