@@ -1,8 +1,7 @@
 """One-way vs bidirectional pass-KV vs TokenRing ring attention, fwd+bwd, on emulated fabrics, side by side.
 
-    sudo .venv/bin/python bench/bidirectional.py                    # 3 and 4 nodes, 100mbit
-    sudo .venv/bin/python bench/bidirectional.py --nodes 3 --seq-local 1024 --rounds 3
-    sudo .venv/bin/python bench/bidirectional.py --shapes 8/8 8/2   # also GQA (4 query heads per K/V head)
+    sudo .venv/bin/python bench/bidirectional.py                    # 3 and 4 nodes, 100mbit, 8/8 and 8/2
+    sudo .venv/bin/python bench/bidirectional.py --nodes 3 --seq-local 512 --rounds 3
 
 For each node count, a `links=switch` and a `links=mesh` dev cluster (slurm/dev-cluster,
 one rank per node, every hop crosses the fabric) are brought up together. On each, one srun
@@ -78,17 +77,17 @@ def measure_efficiency(rank: int, world: int) -> dict[str, float] | None:
     """The switch port's efficiency under flows to two peers (topology.inter.
     shared_port_efficiency), as `ringctl calibrate` measures it: SHARED_PORT_BYTES to the
     next and to the previous rank at once against twice that to the next alone, every rank
-    at once. None below three ranks (next and previous are one peer)."""
+    at once, the median of SHARED_PORT_REPEATS runs each. None below three ranks (next and previous are one peer)."""
     import torch
 
-    from ringctl.workloads.calibrate import hop_seconds, shared_port_efficiency, two_peer_hop_seconds
+    from ringctl.workloads.calibrate import SHARED_PORT_REPEATS, hop_seconds, shared_port_efficiency, two_peer_hop_seconds
 
     if world < 3:
         return None
     peers = ((rank + 1) % world, (rank - 1) % world)
     cpu = torch.device("cpu")
-    one = hop_seconds(2 * SHARED_PORT_BYTES, peers, cpu, repeats=5)
-    two = two_peer_hop_seconds(SHARED_PORT_BYTES, peers, cpu, repeats=5)
+    one = hop_seconds(2 * SHARED_PORT_BYTES, peers, cpu, repeats=SHARED_PORT_REPEATS, typical=True)
+    two = two_peer_hop_seconds(SHARED_PORT_BYTES, peers, cpu, repeats=SHARED_PORT_REPEATS, typical=True)
     return {"one_peer_s": one, "two_peers_s": two, "efficiency": shared_port_efficiency(one, two)}
 
 
@@ -244,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[3, 4], help="node counts (default 3 4)")
     parser.add_argument("--inter", default="100mbit", help="tbf rate of every link, each way (default 100mbit)")
-    parser.add_argument("--seq-local", type=int, default=1024, help="tokens per rank (default 1024: link-bound)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per job, directions rotating (default 3)")
-    parser.add_argument("--shapes", nargs="+", default=["8/8"], help="query/K-V heads, e.g. 8/8 8/2 (default 8/8)")
+    parser.add_argument("--seq-local", type=int, default=256,
+                        help="tokens per rank (default 256: every shape's one-way hop 3x its block's compute and more)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per job, directions rotating (default 7)")
+    parser.add_argument("--shapes", nargs="+", default=["8/8", "8/2"], help="query/K-V heads (default 8/8 8/2)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--links", choices=LINKS, help=argparse.SUPPRESS)
