@@ -94,8 +94,6 @@ STREAM_CALLS = 8
 OVERHEAD_MAX_SHARE = 0.5
 #: the two-peer hop needs this many nodes (with two, the next and previous node are one peer)
 SHARED_PORT_MIN_NODES = 3
-#: runs of each shared-port probe at least (its figure is the median run)
-SHARED_PORT_REPEATS = 9
 
 
 @dataclass(frozen=True)
@@ -148,27 +146,18 @@ def least_of_slowest(seconds_per_run: list[float], device: torch.device, group: 
     return float(slowest.min())
 
 
-def median_of_slowest(seconds_per_run: list[float], device: torch.device, group: Any = None) -> float:
-    """Per run the slowest rank, then the median run: the typical, where a loss is a matter
-    of chance (TCP drops at a shared port) and the best run would miss it."""
-    slowest = torch.tensor(seconds_per_run, dtype=torch.float64, device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-    return float(slowest.median())
-
-
-def runs(fn: Callable[[], float], device: torch.device, group: Any = None, repeats: int = 5, typical: bool = False) -> float:
+def runs(fn: Callable[[], float], device: torch.device, group: Any = None, repeats: int = 5) -> float:
     """fn() returns the seconds it measured itself; run it once to warm up, then `repeats`
-    times with a barrier before each so the ranks run at once: least_of_slowest (a rate's
-    capacity), or with `typical` median_of_slowest."""
+    times with a barrier before each so the ranks run at once: least_of_slowest."""
     fn()
     seconds = []
     for _ in range(repeats):
         dist.barrier(group)
         seconds.append(fn())
-    return (median_of_slowest if typical else least_of_slowest)(seconds, device, group)
+    return least_of_slowest(seconds, device, group)
 
 
-def timed(fn: Callable[[], None], device: torch.device, group: Any = None, repeats: int = 5, typical: bool = False) -> float:
+def timed(fn: Callable[[], None], device: torch.device, group: Any = None, repeats: int = 5) -> float:
     """Wall seconds of fn() (device synchronised), as `runs` takes them."""
 
     def wall() -> float:
@@ -177,7 +166,7 @@ def timed(fn: Callable[[], None], device: torch.device, group: Any = None, repea
         _sync(device)
         return time.perf_counter() - t0
 
-    return runs(wall, device, group, repeats, typical)
+    return runs(wall, device, group, repeats)
 
 
 # ---- compute --------------------------------------------------------------------------------
@@ -572,12 +561,10 @@ def flat_ring_peers(topology: Topology, rank: int) -> tuple[int, int] | None:
 
 
 def hop_seconds(
-    nbytes: int, peers: tuple[int, int] | None, device: torch.device, group: Any = None, repeats: int = 5,
-    typical: bool = False,
+    nbytes: int, peers: tuple[int, int] | None, device: torch.device, group: Any = None, repeats: int = 5
 ) -> float:
     """Seconds of one send/recv pair of nbytes, every rank with peers at once; the slowest
-    rank, least over the runs (`typical`: the median run; a rank without peers only joins
-    the barriers)."""
+    rank, least over the runs (a rank without peers only joins the barriers)."""
     send = torch.ones(nbytes, dtype=torch.uint8, device=device)
     recv = torch.empty(nbytes, dtype=torch.uint8, device=device)
 
@@ -585,7 +572,7 @@ def hop_seconds(
         for work in post_hop(send, recv, peers, group):
             work.wait()
 
-    return timed(hop, device, group, repeats, typical)
+    return timed(hop, device, group, repeats)
 
 
 def measure_link(
@@ -612,8 +599,7 @@ def measure_link(
 
 
 def two_peer_hop_seconds(
-    nbytes: int, peers: tuple[int, int] | None, device: torch.device, group: Any = None, repeats: int = 5,
-    typical: bool = False,
+    nbytes: int, peers: tuple[int, int] | None, device: torch.device, group: Any = None, repeats: int = 5
 ) -> float:
     """Seconds of nbytes sent to each of two peers and received from each at once (peers =
     (next, prev): to next and from prev, then to prev and from next, all posted before any
@@ -629,7 +615,7 @@ def two_peer_hop_seconds(
         for work in works:
             work.wait()
 
-    return timed(hop, device, group, repeats, typical)
+    return timed(hop, device, group, repeats)
 
 
 def measure_shared_port(
@@ -640,17 +626,14 @@ def measure_shared_port(
     the previous node's lane-0 rank at once (t2), against 2X to the next node alone (t1):
     the same bytes through each NIC, one peer or two. efficiency = t1 / t2 in (0, 1]. X =
     SLOPE_FACTOR x the K/V block (at least MIN_MESSAGE_BYTES), so the latency is small
-    beside the transfer. Both times are the median run of at least SHARED_PORT_REPEATS
-    (what two flows lose at a port is TCP drops, a matter of chance: the best of five runs
-    read 0.73 or 0.94 on the same 3-node switch). None below SHARED_PORT_MIN_NODES nodes
-    (next and previous node are one peer)."""
+    beside the transfer. None below SHARED_PORT_MIN_NODES nodes (next and previous node are
+    one peer)."""
     if len(lanes.nodes) < SHARED_PORT_MIN_NODES:
         return None
     message = SLOPE_FACTOR * max(nbytes, MIN_MESSAGE_BYTES) // 2
     peers = lanes.shared_port_peers(rank)
-    repeats = max(repeats, SHARED_PORT_REPEATS)
-    one = hop_seconds(2 * message, peers, device, group, repeats, typical=True)
-    two = two_peer_hop_seconds(message, peers, device, group, repeats, typical=True)
+    one = hop_seconds(2 * message, peers, device, group, repeats)
+    two = two_peer_hop_seconds(message, peers, device, group, repeats)
     return {
         "message_bytes": message,
         "one_peer_s": one,
