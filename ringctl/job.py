@@ -432,6 +432,7 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
             state.ctx = _context(cfg, folder, device, env.local_rank, attempt)
             state.ctx.threads = {"per_rank": threads_per_rank, "source": threads.source}
             results = _run_workload(cfg, config, state.ctx)
+            _barrier_before_teardown()
         except StopJob as stop:
             _stopped(state, stop)  # always raises: SystemExit (requeue, job-wide stop) or _Recorded
     except SystemExit:
@@ -447,6 +448,27 @@ def _run(config: dict[str, Any]) -> dict[str, Any]:
     if results.get("failures"):
         raise RuntimeError("; ".join(results["failures"]))
     return results
+
+
+#: seconds the ranks wait for each other before tearing the group down (a rank that failed
+#: never arrives: the others go on after this)
+TEARDOWN_BARRIER_S = 30
+
+
+def _barrier_before_teardown() -> None:
+    """Every rank done with the group before any tears it down. Rank 0 hosts the TCPStore:
+    a rank still inside the group when rank 0's goes can abort at exit ("terminate called
+    without an active exception", seen on a SLURM array task after its results were
+    written, which SLURM then counted FAILED)."""
+    import torch.distributed as dist
+
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=TEARDOWN_BARRIER_S))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a rank that did not arrive has failed, and says so itself
 
 
 def _task_identity() -> tuple[int, int]:
