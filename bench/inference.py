@@ -12,10 +12,10 @@ order rotates every time; every point in every round, a point whose faster mode 
 several times a round, up to SAMPLE_S of it), reporting the slowest rank's seconds per
 call, the median over its samples. The job first measures the compute model's three
 figures (a ring of one per rank, all ranks at once, for the first two): the FLOP rate (a
-shard's full causal prefill), the rate K/V stream when queries are few (one new token over a shard of cached
-ones, less one over a few: ``memory_bandwidth_GBps``) and the fixed cost of a ring step
-(calls on the ring whose blocks are tiny, less the model's prediction for them without it,
-per step: ``step_overhead_us``). It builds a Topology with them whose inter link is the
+shard's full causal prefill), the rate K/V stream when queries are few (one new token over
+a shard of cached ones, less one over a few: ``memory_bandwidth_GBps``) and the fixed cost
+of a ring step (calls on the ring whose blocks are tiny, less the model's prediction for
+them without it, per step: ``step_overhead_us``). It builds a Topology with them whose inter link is the
 fabric's tbf rate and calibrated latency, and asks the planner (ringctl.infer_plan) for
 both predictions and auto's choice; the FLOPs-only model's errors (``err0``: no fixed cost,
 no streaming term) are printed beside them. Bytes each rank sends are checked against

@@ -507,7 +507,7 @@ def make_plan(
     least `direction_min_gain` faster than it: DIRECTION_MIN_GAIN)."""
     if direction not in DIRECTION_CHOICES:
         raise ConfigError("topology.direction", direction, " | ".join(DIRECTION_CHOICES))
-    check_min_gain(direction_min_gain)
+    gain = check_min_gain(direction_min_gain)
     if algorithm not in RING_CHOICES:
         raise ConfigError("topology.ring", algorithm, " | ".join(RING_CHOICES))
     if layout not in LAYOUTS:
@@ -523,7 +523,6 @@ def make_plan(
         )  # fmt: skip
     directions = _feasible_directions(priced) if direction == "auto" else (direction,)
     algorithms = _feasible(topology, order) if algorithm == "auto" else (algorithm,)
-    gain = float(direction_min_gain)
     candidates = [
         replace(_build(topology, layout, a, order), direction=d, direction_requested=direction, direction_min_gain=gain)
         for a in algorithms
@@ -531,7 +530,7 @@ def make_plan(
     ]
     if len(candidates) == 1:
         return replace(candidates[0], requested=algorithm)
-    return replace(_fastest(candidates, priced, direction_min_gain), requested=algorithm)
+    return replace(_fastest(candidates, priced, gain), requested=algorithm)
 
 
 def _fastest(candidates: list[RingPlan], workload: Workload, min_gain: float) -> RingPlan:
