@@ -77,9 +77,8 @@ def measure_efficiency(rank: int, world: int) -> dict[str, float] | None:
     """The switch port's efficiency under flows to two peers (topology.inter.
     shared_port_efficiency), as `ringctl calibrate` measures it: SHARED_PORT_BYTES to the
     next and to the previous rank at once against twice that to the next alone, every rank
-    at once, the least of 5 runs each (the median of 9 priced bidirectional's two lanes on
-    a switch up to +43% over measured: its small equal flows lose less than the probe's).
-    None below three ranks (next and previous are one peer)."""
+    at once, both receives posted before either send (as the ring posts a step), the least
+    of 5 runs each. None below three ranks (next and previous are one peer)."""
     import torch
 
     from ringctl.workloads.calibrate import hop_seconds, shared_port_efficiency, two_peer_hop_seconds

@@ -28,8 +28,8 @@ What the runtime (ringctl/ring/attention.py) holds, and why:
   may hold more heads than one-way's. TokenRing keeps K/V home: per pass a copy of its
   query heads travels (backward: q, dout, out, lse; dout assumed contiguous, as autograd
   gives it), with one more such block per hop level; partials go back to their owner (two
-  computed, one received: forward out and lse as one ``(B, S, h, D+1)`` tensor, backward
-  dq), and the pass's out or dq, dk, dv accumulate in the accumulation dtype whatever the
+  computed, two received, one on two ranks: forward out and lse as one ``(B, S, h, D+1)``
+  tensor, backward dq), and the pass's out or dq, dk, dv accumulate in the accumulation dtype whatever the
   input dtype; no dK/dV travels. With few K/V heads (GQA) that is several times pass-KV's
   working set.
 
@@ -332,12 +332,11 @@ class _PassRing:
         slices are not contiguous, i.e. with several passes, and not seeded as a buffer);
         K/V stay home and no accumulator travels. Partials (forward: out and lse as one
         (B, S, h, D+1) tensor; backward: dq) go back to their owner: two computed (one may
-        be in flight) and one receive buffer. The pass's out (forward) or dq, dk, dv
-        (backward) accumulate in the accumulation dtype whatever the input dtype.
-
-        The receive buffer is allocated at the first remote partial, after the second
-        block's compute: on two ranks no block computes after it, so there a block's
-        temporaries count only beyond it (the peak is the larger of the two)."""
+        be in flight) and two receive buffers (one on two ranks): a step posts the receive
+        of its partial at its start, while the previous step's may still be arriving. The
+        pass's out (forward) or dq, dk, dv (backward) accumulate in the accumulation dtype
+        whatever the input dtype. Receive buffers are allocated at a step's start, before
+        its compute, so a block's temporaries count beside them."""
         b, s, d, e, a = self.batch, self.s, self.head_dim, self.e, self.a
         bsd = b * s * d
         n_fwd = _buffer_counts(self.levels)[0]
@@ -345,23 +344,21 @@ class _PassRing:
         q_side = 3 * bsd * hq * e + b * hq * s * a  # q, dout, out, lse of the pass's heads
         copied = (3 * bsd * hq * e if b * s > 1 else 0) + (b * hq * s * a if b > 1 else 0)
         fwd_temps, bwd_temps = self.temporaries(hq, hk)
-        fwd_received, bwd_received = b * s * hq * (d + 1) * a, bsd * hq * a
-        if self.world_size < 3:
-            fwd_temps, bwd_temps = max(0, fwd_temps - fwd_received), max(0, bwd_temps - bwd_received)
+        received = min(2, self.world_size - 1)
         forward = {
             "merge buffer (pass, accumulation dtype)": bsd * hq * a,
             "queries in flight (pass)": n_fwd * bsd * hq * e,
-            "out/lse partials (pass: 2 computed, 1 received)": 2 * b * s * hq * (d + 1) * a + fwd_received,
+            f"out/lse partials (pass: 2 computed, {received} received)": (2 + received) * b * s * hq * (d + 1) * a,
             "block temporaries": fwd_temps,
         }
         backward = {
             "dq, dk, dv accumulators (pass, accumulation dtype)": bsd * (hq + 2 * hk) * a,
             "q, dout, out, lse copies (pass)": copied if copies else 0,
             "q, dout, out, lse in flight (pass)": n_bwd * q_side,
-            "dq partials (pass: 2 computed, 1 received)": 2 * bsd * hq * a + bwd_received,
+            f"dq partials (pass: 2 computed, {received} received)": (2 + received) * bsd * hq * a,
             "block temporaries": bwd_temps,
         }
-        buffers = {"forward": (n_fwd, 0, 1), "backward": (n_bwd, 0, 1)}
+        buffers = {"forward": (n_fwd, 0, received), "backward": (n_bwd, 0, received)}
         return forward, backward, buffers, 0, 0
 
 

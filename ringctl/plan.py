@@ -941,17 +941,19 @@ def _tokenring_estimate(
 ) -> Cost:
     """TokenRing's cost, the runtime's schedule step by step (W > 1): at ring step g every
     rank computes the queries it holds against its own K/V while those queries hop on (as
-    one-way pass-KV's K/V; no hop after the last step) and the partial of step g-1 goes
-    straight to its owner (step 0's queries are the rank's own: no partial travels); after
-    the last step, its partials home. A step lasts max(compute, its slowest transfer), each
-    transfer priced on its busiest resource (_flow_loads): on a switch a rank's port (and
-    NIC) carries its Q hop and its partial together, on a mesh each goes over its own pair's
-    link. Backward: the same with (q, dout, out, lse) travelling and dq partials.
+    one-way pass-KV's K/V; no hop after the last step), and sends the step's partial
+    straight to its owner once computed (the owner posted its receive at the step's start;
+    step 0's queries are the rank's own: no partial travels). A step lasts the longest of
+    its compute, all its transfers on their busiest resource (_flow_loads), and its compute
+    followed by its partials alone: on a switch a rank's port (and NIC) carries its Q hop
+    and its partial together, on a mesh each goes over its own pair's link. Backward: the
+    same with (q, dout, out, lse) travelling and dq partials.
 
     Hierarchical (an approximation): the inner ring's steps as above, with the partials
     bound for this node (those of outer step 0's blocks); the outer step's inter traffic,
-    its Q hop and the partials of blocks from other nodes sent during it, summed over the
-    outer step (one latency) and hidden behind its inner ring, as pass-KV's outer hop is.
+    its Q hop and the partials of blocks from other nodes, summed over the outer step (one
+    latency) and hidden behind its inner ring, as pass-KV's outer hop is, but not sent
+    before the first of those partials is computed.
     Packed documents: each step's compute is its busiest rank's visible pairs between the
     visiting queries and its own keys (document_work's matrix, read the other way round).
 
@@ -985,7 +987,8 @@ def _tokenring_estimate(
         peak = {link: 0.0 for link in LINKS}
 
         def partials(g: int, part: int = part) -> list[tuple[int, int, int]]:
-            """Step g's partials (sent during step g+1) that leave or reach node 0's ranks."""
+            """Step g's partials (sent once step g's block is computed) that leave or reach
+            node 0's ranks."""
             holders = sorted({*mine, *(_tokenring_position(plan, q, g, +1) for q in mine)})
             return [
                 (order[p], order[src], part) for p in holders if (src := _tokenring_position(plan, p, g, -1)) != p
@@ -1000,22 +1003,32 @@ def _tokenring_estimate(
         total = 0.0
         for o in range(N if hierarchical else 1):
             outer = [(a, b, moving) for a, b in hops["outer"]] if hierarchical and o < N - 1 else []
-            ring, size = 0.0, L if hierarchical else W
+            away: list[tuple[int, int, int]] = []  # partials bound for other nodes
+            ring, size, first_away = 0.0, L if hierarchical else W, None
             for i in range(size):
                 g = o * size + i
                 inner = [(a, b, moving) for a, b in hops["inner" if hierarchical else "flat"]] if i < size - 1 else []
-                for flow in partials(g - 1) if g else []:
-                    (outer if hierarchical and plan.link_class(flow[0], flow[1]) == "inter" else inner).append(flow)
-                got, nic = loads(inner)
-                ring += max(c[g], _load_time(topo, got))
+                back: list[tuple[int, int, int]] = []
+                for flow in partials(g):
+                    if hierarchical and plan.link_class(flow[0], flow[1]) == "inter":
+                        away.append(flow)
+                        first_away = ring + c[g] if first_away is None else first_away
+                    else:
+                        back.append(flow)
+                got, nic = loads(inner + back)
+                # the partials leave once the block is computed, the queries at the step's start
+                took = max(c[g], _load_time(topo, got), c[g] + _load_time(topo, _flow_loads(plan, topo, back)[0]))
+                ring += took
                 if phase == "forward" and not hierarchical:
-                    step, flows_per_nic = max(step, c[g], _load_time(topo, got)), max(flows_per_nic, nic)
-            got, nic = loads(outer)
-            total += max(ring, _load_time(topo, got))
+                    step, flows_per_nic = max(step, took), max(flows_per_nic, nic)
+            got, nic = loads(outer + away)
+            took = max(ring, _load_time(topo, got))
+            if first_away is not None:  # the first partial away leaves after its block's compute
+                took = max(took, first_away + _load_time(topo, _flow_loads(plan, topo, away)[0]))
+            total += took
             if phase == "forward" and hierarchical:
-                step, flows_per_nic = max(step, max(ring, _load_time(topo, got)) / L), max(flows_per_nic, nic)
-        home, _nic = _flow_loads(plan, topo, partials(W - 1))
-        times[phase] = total + _load_time(topo, home)
+                step, flows_per_nic = max(step, took / L), max(flows_per_nic, nic)
+        times[phase] = total
         worst[phase] = peak
     need = {
         phase: {

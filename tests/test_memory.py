@@ -167,7 +167,7 @@ def test_tokenring_holds_queries_and_partials_instead_of_kv() -> None:
         for key in ("out, lse (saved)", "dq, dk, dv"):
             assert ests["tokenring"].backward[key] == ests["one_way"].backward[key]
     ring = gqa["tokenring"]
-    assert (ring.kv_buffers, ring.acc_buffers) == (0, 0) and ring.buffers == {"forward": (2, 0, 1), "backward": (2, 0, 1)}
+    assert (ring.kv_buffers, ring.acc_buffers) == (0, 0) and ring.buffers == {"forward": (2, 0, 2), "backward": (2, 0, 2)}  # 8 ranks: two partials received
     one = _peak(direction="tokenring", world_size=1, seq_len=65536)
     assert one.breakdown == _peak(world_size=1, seq_len=65536).breakdown and one.direction == "tokenring"
 
@@ -338,13 +338,15 @@ def test_every_direction_holds_the_predicted_buffers_per_channel(name: str, worl
     """Per pass and phase, the buffers of each ring channel (travelling block, accumulator,
     owner partials received) are those predict_peak counts for the plan's direction: TokenRing
     seeds its forward's query copy as a buffer but not its backward's (q, dout, out, lse)
-    tuple, and keeps one receive buffer for partials; bidirectional doubles one-way's."""
+    tuple, and keeps two receive buffers for partials (one on two ranks); bidirectional
+    doubles one-way's."""
     key = name if direction == "one_way" else f"{name}/{direction}"
     for rank, report in enumerate(_results(world)):
         r = report[key]
         want = {"forward": (HKV, 0, 0)} if world == 1 else {}  # a ring of one: views (the guard below)
         if world > 1 and direction == "tokenring":
-            assert r["kv_buffers"] == r["acc_buffers"] == 0 and r["predicted_channels"]["backward"][2] == 1
+            received = min(2, world - 1)  # a step's receive is posted while the last may still arrive
+            assert r["kv_buffers"] == r["acc_buffers"] == 0 and r["predicted_channels"]["backward"][2] == received
         if world > 1 and direction == "bidirectional":
             assert r["passes"] == HKV // 2  # passes cap at lane 1's K/V heads
         assert r["forward_runs"] == r["backward_runs"] == r["passes"], (key, rank, r)

@@ -70,3 +70,55 @@ def test_tokenring_matches_sdpa_and_predicted_bytes(spec: Spec, case: Case) -> N
 
 def test_tokenring_with_several_head_passes() -> None:
     exact_with_predicted_bytes([r["passes"] for r in _results(3)])
+
+
+def _posts_worker(rank: int, world: int) -> list[tuple[str, list[tuple[int | None, int | None, int]]]]:
+    """Every RingComm.hops call of one TokenRing forward + backward (flat, 3 ranks): phase
+    and (send_to, recv_from, tag) per hop, in posting order."""
+    import torch
+
+    from ringctl.ring import comm, ring_attention
+
+    posts: list[tuple[str, list[tuple[int | None, int | None, int]]]] = []
+    hops = comm.RingComm.hops
+
+    def recording(self: Any, specs: Any) -> Any:
+        posts.append((self.phase, [(s[1], s[2], s[3]) for s in specs]))
+        return hops(self, specs)
+
+    comm.RingComm.hops = recording  # type: ignore[method-assign]
+    try:  # the pool's next call runs in this process: put the method back
+        plan = SPECS[2].plan("contiguous", "tokenring")
+        gen = torch.Generator().manual_seed(rank)
+        q, k, v, dout = (torch.randn(1, 4, 2, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        torch.autograd.grad(ring_attention(*leaves, layout="contiguous", plan=plan), leaves, dout)
+    finally:
+        comm.RingComm.hops = hops  # type: ignore[method-assign]
+    return posts
+
+
+def test_partial_receives_are_posted_with_the_steps_query_hop() -> None:
+    """A partial's receive goes out with its step's query hop, before any of that post's
+    sends (RingComm.hops posts receives first), so the owner's "receive ready" notice does
+    not wait behind its own query block on the stream to the holder: the holder sends the
+    partial as soon as it is computed, back while the queries go on. On three ranks, per
+    phase: step 0 (own queries) the query hop alone; step 1 the hop and a receive from the
+    next rank, then the partial sent to the previous one; step 2 (last: no hop) a receive
+    from the previous rank, then the partial sent to the next one."""
+    plan = SPECS[2].plan("contiguous", "tokenring")
+    for rank, posts in enumerate(run_workers(_posts_worker, 3)):
+        nxt, prev = (plan.ring_order[(plan.position(rank) + d) % 3] for d in (1, -1))
+        for phase in ("forward", "backward"):
+            got = [specs for p, specs in posts if p == phase]
+            hop, partial = (nxt, prev), 16  # the query block's peers; owner partials' tag
+            tags = {tag for specs in got for _s, _r, tag in specs if tag != partial}
+            assert len(tags) == 1, (rank, phase, got)
+            [q_tag] = tags
+            assert got == [
+                [(*hop, q_tag)],
+                [(*hop, q_tag), (None, nxt, partial)],
+                [(prev, None, partial)],
+                [(None, prev, partial)],
+                [(nxt, None, partial)],
+            ], (rank, phase, got)

@@ -565,7 +565,12 @@ class _Ring:
         self.leaves = list(leaves)
         self.acc = accumulator
         self.partials = list(partials) if partials is not None else None
-        self._partial_hops: list[Any] = [None] * len(leaves)
+        # TokenRing, per lane: the exchange in flight (this rank's partial on its way to its
+        # owner, and its own block's partial on its way here), and the receive the current
+        # leaf step posted with its hops; leaf steps so far pick the receive buffer
+        self._partial_hops: list[tuple[Any, Any] | None] = [None] * len(leaves)
+        self._partial_recvs: list[Any] = [None] * len(leaves)
+        self._leaf_steps = 0
         self._steps: list[int] = []
         # tag -> its two buffers (a tag names one lane's level and channel: ``_tag``,
         # ``channel``)
@@ -621,17 +626,38 @@ class _Ring:
 
     def _settle(self, lane: int) -> None:
         """Wait for lane ``lane``'s partial exchange in flight; fold what it brought."""
-        hop = self._partial_hops[lane]
-        if hop is not None:
+        exchange = self._partial_hops[lane]
+        if exchange is not None:
             assert self.partials is not None
             self._partial_hops[lane] = None
-            self.partials[lane].fold(hop.wait())
+            send, receive = exchange
+            send.wait()
+            self.partials[lane].fold(receive.wait())
+
+    def _partial_receives(self, held: list[Any]) -> list[tuple[int, tuple[Any, None, int, int, Any, str]]]:
+        """TokenRing, at a leaf step's start: the receive of this rank's own block's partial
+        from the rank holding it this step (none while this rank holds its own queries),
+        posted with the step's hops, receives first. Its "receive ready" notice then leaves
+        before this rank's queries do on the same stream, so the holder sends the partial as
+        soon as it is computed, back while the queries go on (posted after the compute, the
+        notice waited behind the whole query block: the partial's hop ran a step late)."""
+        assert self.partials is not None
+        specs: list[tuple[int, tuple[Any, None, int, int, Any, str]]] = []
+        for lane, schedule in enumerate(self.schedules):
+            self._partial_recvs[lane] = None
+            if schedule.source(self._steps) != schedule.position:
+                tag = self._tag(0, lane, 2)
+                buffer = self._buffer(tag, self._leaf_steps, held[lane])  # the other may be in flight
+                holder = schedule.ring_order[schedule.holder(self._steps)]
+                specs.append((lane, (buffer, None, holder, tag, buffer, HOP_DIRECTIONS[1])))
+        return specs
 
     def _exchange(self, results: list[torch.Tensor | None]) -> None:
         """TokenRing: each lane's partial goes to the owner of the block it was computed
         on, and this rank receives its own block's partial from the rank holding it (a
-        permutation at every step, so every send has its receive). One exchange per lane in
-        flight: the previous one is waited for, and folded, only after this step's compute."""
+        permutation at every step, so every send has its receive; the receive was posted at
+        the step's start). One exchange per lane in flight: the previous one is waited for,
+        and folded, only after this step's compute."""
         assert self.partials is not None
         for lane, (schedule, part) in enumerate(zip(self.schedules, results, strict=True)):
             if part is None:
@@ -641,11 +667,9 @@ class _Ring:
             if src == schedule.position:  # this rank's own queries: nothing travels
                 self.partials[lane].fold(part)
                 continue
-            tag = self._tag(0, lane, 2)
-            [self._partial_hops[lane]] = self.comm.hops([
-                (part, schedule.ring_order[src], schedule.ring_order[schedule.holder(self._steps)], tag,
-                 self._buffer(tag, 0, part), HOP_DIRECTIONS[1])
-            ])  # fmt: skip
+            [send] = self.comm.hops([(part, schedule.ring_order[src], None, self._tag(0, lane, 2), None, HOP_DIRECTIONS[1])])
+            self._partial_hops[lane] = (send, self._partial_recvs[lane])
+        self._leaf_steps += 1
 
     def _level(self, depth: int, held: list[Any]) -> list[torch.Tensor | None]:
         held = list(held)  # this level's blocks; the caller keeps its own
@@ -654,16 +678,21 @@ class _Ring:
         size = levels[0].size
         acc_hops: list[Any] = [None for _ in lanes]
         accs: list[torch.Tensor | None] = [None for _ in lanes]
+        leaf = depth + 1 == len(self.schedules[0].levels)
         for step in range(size):
-            kv_hops: list[Any] = [None for _ in lanes]
-            if step + 1 < size:  # every lane's hop in one post: all receives before any send
-                kv_hops = self.comm.hops([
-                    (held[i], levels[i].send_to, levels[i].recv_from, self._tag(depth, i, 0),
-                     self._buffer(self._tag(depth, i, 0), step, held[i]),
-                     HOP_DIRECTIONS[i])
-                    for i in lanes
-                ])  # fmt: skip
             self._steps.append(step)
+            kv_hops: list[Any] = [None for _ in lanes]
+            specs = [
+                (held[i], levels[i].send_to, levels[i].recv_from, self._tag(depth, i, 0),
+                 self._buffer(self._tag(depth, i, 0), step, held[i]), HOP_DIRECTIONS[i])
+                for i in lanes
+            ] if step + 1 < size else []  # fmt: skip
+            receives = self._partial_receives(held) if leaf and self.partials is not None else []
+            if specs or receives:  # every hop of the step in one post: all receives before any send
+                posted = self.comm.hops(specs + [spec for _lane, spec in receives])
+                kv_hops = posted[: len(specs)] or kv_hops
+                for (lane, _spec), hop in zip(receives, posted[len(specs) :], strict=True):
+                    self._partial_recvs[lane] = hop
             grads = self._visit(depth, held)
             self._steps.pop()
             if self.acc is not None:

@@ -51,12 +51,12 @@ class Hop:
     """One posted send/recv pair; ``wait()`` once, then the received tensor(s) are ready."""
 
     def __init__(
-        self, works: list[dist.Work], received: torch.Tensor | tuple[torch.Tensor, ...]
+        self, works: list[dist.Work], received: torch.Tensor | tuple[torch.Tensor, ...] | None
     ) -> None:
         self._works: list[dist.Work] | None = works
         self._received = received
 
-    def wait(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def wait(self) -> Any:
         if self._works is None:
             raise RuntimeError("Hop.wait() called twice")
         for work in self._works:
@@ -102,7 +102,7 @@ class RingComm:
         "prev": which way the lane walks the ring) only labels the byte counter."""
         return self.hops([(tensor, send_to, recv_from, tag, into, direction)])[0]
 
-    def hops(self, specs: Sequence[tuple[Any, int, int, int, Any, str]]) -> list[Hop]:
+    def hops(self, specs: Sequence[tuple[Any, int | None, int | None, int, Any, str]]) -> list[Hop]:
         """Several hops (``hop``'s arguments each) posted at once: every receive of all of
         them before any send. Why: a gloo send starts only once the peer's "receive ready"
         notice arrives, and that notice travels on the same TCP stream as the peer's own
@@ -110,42 +110,55 @@ class RingComm:
         already sending, so the two directions of a pair run one after the other: measured
         6.1 vs 12.0 MB/s per direction on the 100 Mbit/s fabric (the 2-node outer ring).
         The two lanes of a bidirectional ring send both ways over every pair, so their
-        receives must all be posted before either lane sends."""
+        receives must all be posted before either lane sends.
+
+        One side may be left out: ``send_to=None`` posts the receive alone (``tensor`` only
+        gives its shapes when ``into`` is None), ``recv_from=None`` the send alone (its
+        ``wait()`` returns None). Why: a receive posted early, with the step's other hops,
+        lets a peer send the moment its data is ready (TokenRing's partials)."""
         recv_ops: list[dist.P2POp] = []
         send_ops: list[dist.P2POp] = []
-        posted: list[tuple[bool, list[torch.Tensor], int, int]] = []
+        posted: list[tuple[bool, list[torch.Tensor] | None, int, int, int, int]] = []
         for tensor, send_to, recv_from, tag, into, direction in specs:
             single = isinstance(tensor, torch.Tensor)
             sends: list[torch.Tensor] = [tensor] if single else list(tensor)
-            recvs: list[torch.Tensor]
-            if into is None:
-                recvs = [torch.empty_like(t) for t in sends]
-            else:
-                recvs = [into] if isinstance(into, torch.Tensor) else list(into)
-            if len(recvs) != len(sends):
-                raise RuntimeError("a hop receives as many tensors as it sends")
-            first = len(recv_ops)
-            for i, (sent, received) in enumerate(zip(sends, recvs, strict=True)):
+            recvs: list[torch.Tensor] | None = None
+            if recv_from is not None:
+                if into is None:
+                    recvs = [torch.empty_like(t) for t in sends]
+                else:
+                    recvs = [into] if isinstance(into, torch.Tensor) else list(into)
+                if len(recvs) != len(sends):
+                    raise RuntimeError("a hop receives as many tensors as it sends")
+            r0, s0 = len(recv_ops), len(send_ops)
+            for i, sent in enumerate(sends):
+                received = recvs[i] if recvs is not None else sent
                 if not (sent.is_contiguous() and received.is_contiguous()):
                     raise RuntimeError("ring hops need contiguous tensors (gloo refuses others)")
                 if received.shape != sent.shape or received.dtype != sent.dtype:
                     raise RuntimeError(
                         "a hop receives into a buffer of the sent tensor's shape and dtype"
                     )
-                recv_ops.append(
-                    dist.P2POp(
-                        dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag + i
+                if recv_from is not None:
+                    recv_ops.append(
+                        dist.P2POp(
+                            dist.irecv, received, group=self.group, group_peer=recv_from, tag=tag + i
+                        )
                     )
-                )
-                send_ops.append(
-                    dist.P2POp(dist.isend, sent, group=self.group, group_peer=send_to, tag=tag + i)
-                )
-            posted.append((single, recvs, first, len(recv_ops)))
-            link = self._link_class(self.rank, send_to)
-            _SENT[(self.phase, link, direction)] += sum(t.numel() * t.element_size() for t in sends)
-        works = dist.batch_isend_irecv(recv_ops + send_ops)  # gloo posts them in this order
-        n = len(recv_ops)
+                if send_to is not None:
+                    send_ops.append(
+                        dist.P2POp(dist.isend, sent, group=self.group, group_peer=send_to, tag=tag + i)
+                    )
+            posted.append((single, recvs, r0, len(recv_ops), s0, len(send_ops)))
+            if send_to is not None:
+                link = self._link_class(self.rank, send_to)
+                _SENT[(self.phase, link, direction)] += sum(t.numel() * t.element_size() for t in sends)
+        works = dist.batch_isend_irecv(recv_ops + send_ops) if recv_ops or send_ops else []
+        n = len(recv_ops)  # gloo posts them in this order: every receive, then every send
         return [
-            Hop(works[a:b] + works[n + a : n + b], recvs[0] if single else tuple(recvs))
-            for single, recvs, a, b in posted
+            Hop(
+                works[ra:rb] + works[n + sa : n + sb],
+                None if recvs is None else recvs[0] if single else tuple(recvs),
+            )
+            for single, recvs, ra, rb, sa, sb in posted
         ]
