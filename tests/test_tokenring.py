@@ -11,7 +11,7 @@ and direction ("next": queries, "prev": partials) must equal
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import pytest
@@ -72,8 +72,8 @@ def test_tokenring_with_several_head_passes() -> None:
     exact_with_predicted_bytes([r["passes"] for r in _results(3)])
 
 
-def _posts_worker(rank: int, world: int) -> list[tuple[str, list[tuple[int | None, int | None, int]]]]:
-    """Every RingComm.hops call of one TokenRing forward + backward (flat, 3 ranks): phase
+def _posts_worker(rank: int, world: int, spec: int) -> list[tuple[str, list[tuple[int | None, int | None, int]]]]:
+    """Every RingComm.hops call of one TokenRing forward + backward (SPECS[spec]): phase
     and (send_to, recv_from, tag) per hop, in posting order."""
     import torch
 
@@ -88,7 +88,7 @@ def _posts_worker(rank: int, world: int) -> list[tuple[str, list[tuple[int | Non
 
     comm.RingComm.hops = recording  # type: ignore[method-assign]
     try:  # the pool's next call runs in this process: put the method back
-        plan = SPECS[2].plan("contiguous", "tokenring")
+        plan = SPECS[spec].plan("contiguous", "tokenring")
         gen = torch.Generator().manual_seed(rank)
         q, k, v, dout = (torch.randn(1, 4, 2, 8, generator=gen, dtype=torch.float64) for _ in range(4))
         leaves = [x.requires_grad_() for x in (q, k, v)]
@@ -98,27 +98,30 @@ def _posts_worker(rank: int, world: int) -> list[tuple[str, list[tuple[int | Non
     return posts
 
 
-def test_partial_receives_are_posted_with_the_steps_query_hop() -> None:
+@pytest.mark.parametrize("spec", [2, 3], ids=["flat-1x1x1", "hierarchical-1x1x1"])
+def test_partial_receives_are_posted_with_the_steps_query_hop(spec: int) -> None:
     """A partial's receive goes out with its step's query hop, before any of that post's
     sends (RingComm.hops posts receives first), so the owner's "receive ready" notice does
     not wait behind its own query block on the stream to the holder: the holder sends the
     partial as soon as it is computed, back while the queries go on. On three ranks, per
     phase: step 0 (own queries) the query hop alone; step 1 the hop and a receive from the
     next rank, then the partial sent to the previous one; step 2 (last: no hop) a receive
-    from the previous rank, then the partial sent to the next one."""
-    plan = SPECS[2].plan("contiguous", "tokenring")
-    for rank, posts in enumerate(run_workers(_posts_worker, 3)):
+    from the previous rank, then the partial sent to the next one. The hierarchical plan
+    of three one-rank nodes posts the same: each leaf step starts an outer step, so its
+    receive goes with the outer hop (its inner rings of one post nothing)."""
+    plan = SPECS[spec].plan("contiguous", "tokenring")
+    for rank, posts in enumerate(run_workers(partial(_posts_worker, spec=spec), 3)):
         nxt, prev = (plan.ring_order[(plan.position(rank) + d) % 3] for d in (1, -1))
         for phase in ("forward", "backward"):
             got = [specs for p, specs in posts if p == phase]
-            hop, partial = (nxt, prev), 16  # the query block's peers; owner partials' tag
-            tags = {tag for specs in got for _s, _r, tag in specs if tag != partial}
+            hop, owner = (nxt, prev), 16  # the query block's peers; owner partials' tag
+            tags = {tag for specs in got for _s, _r, tag in specs if tag != owner}
             assert len(tags) == 1, (rank, phase, got)
             [q_tag] = tags
             assert got == [
                 [(*hop, q_tag)],
-                [(*hop, q_tag), (None, nxt, partial)],
-                [(prev, None, partial)],
-                [(None, prev, partial)],
-                [(nxt, None, partial)],
+                [(*hop, q_tag), (None, nxt, owner)],
+                [(prev, None, owner)],
+                [(None, prev, owner)],
+                [(nxt, None, owner)],
             ], (rank, phase, got)

@@ -635,20 +635,23 @@ class _Ring:
             self.partials[lane].fold(receive.wait())
 
     def _partial_receives(self, held: list[Any]) -> list[tuple[int, tuple[Any, None, int, int, Any, str]]]:
-        """TokenRing, at a leaf step's start: the receive of this rank's own block's partial
-        from the rank holding it this step (none while this rank holds its own queries),
-        posted with the step's hops, receives first. Its "receive ready" notice then leaves
-        before this rank's queries do on the same stream, so the holder sends the partial as
-        soon as it is computed, back while the queries go on (posted after the compute, the
-        notice waited behind the whole query block: the partial's hop ran a step late)."""
+        """TokenRing: the receive of this rank's own block's partial at the next leaf step
+        (the first under the current step: inner steps 0) from the rank holding it then
+        (none while this rank holds its own queries), posted with the current level's hops,
+        receives first. Its "receive ready" notice then leaves before this rank's queries
+        do on the same stream, so the holder sends the partial as soon as it is computed,
+        back while the queries go on (posted after the compute, the notice waited behind
+        the whole query block: the partial's hop ran a step late). A leaf step that starts
+        an outer step has its receive posted with the outer hop, which may go to its holder."""
         assert self.partials is not None
+        steps = self._steps + [0] * (len(self.schedules[0].levels) - len(self._steps))
         specs: list[tuple[int, tuple[Any, None, int, int, Any, str]]] = []
         for lane, schedule in enumerate(self.schedules):
             self._partial_recvs[lane] = None
-            if schedule.source(self._steps) != schedule.position:
+            if schedule.source(steps) != schedule.position:
                 tag = self._tag(0, lane, 2)
                 buffer = self._buffer(tag, self._leaf_steps, held[lane])  # the other may be in flight
-                holder = schedule.ring_order[schedule.holder(self._steps)]
+                holder = schedule.ring_order[schedule.holder(steps)]
                 specs.append((lane, (buffer, None, holder, tag, buffer, HOP_DIRECTIONS[1])))
         return specs
 
@@ -678,7 +681,6 @@ class _Ring:
         size = levels[0].size
         acc_hops: list[Any] = [None for _ in lanes]
         accs: list[torch.Tensor | None] = [None for _ in lanes]
-        leaf = depth + 1 == len(self.schedules[0].levels)
         for step in range(size):
             self._steps.append(step)
             kv_hops: list[Any] = [None for _ in lanes]
@@ -687,7 +689,9 @@ class _Ring:
                  self._buffer(self._tag(depth, i, 0), step, held[i]), HOP_DIRECTIONS[i])
                 for i in lanes
             ] if step + 1 < size else []  # fmt: skip
-            receives = self._partial_receives(held) if leaf and self.partials is not None else []
+            # the next leaf step's partial receive: posted once, at the outermost level it starts
+            first = depth == 0 or step > 0
+            receives = self._partial_receives(held) if first and self.partials is not None else []
             if specs or receives:  # every hop of the step in one post: all receives before any send
                 posted = self.comm.hops(specs + [spec for _lane, spec in receives])
                 kv_hops = posted[: len(specs)] or kv_hops
