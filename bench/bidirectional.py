@@ -75,21 +75,16 @@ def _topology(nodes: int, links: str, rate_GBps: float, tflops: float, efficienc
 
 def measure_efficiency(rank: int, world: int) -> dict[str, float] | None:
     """The switch port's efficiency under flows to two peers (topology.inter.
-    shared_port_efficiency), as `ringctl calibrate` measures it: SHARED_PORT_BYTES to the
-    next and to the previous rank at once against twice that to the next alone, every rank
-    at once, both receives posted before either send (as the ring posts a step), the least
-    of 5 runs each. None below three ranks (next and previous are one peer)."""
+    shared_port_efficiency), measured by `ringctl calibrate`'s own probe
+    (measure_shared_port, one rank per node): SHARED_PORT_BYTES to the next and to the
+    previous rank at once against twice that to the next alone, every rank at once, the
+    least of 5 runs each. None below three ranks (next and previous are one peer)."""
     import torch
 
-    from ringctl.workloads.calibrate import hop_seconds, shared_port_efficiency, two_peer_hop_seconds
+    from ringctl.workloads.calibrate import SLOPE_FACTOR, Lanes, measure_shared_port
 
-    if world < 3:
-        return None
-    peers = ((rank + 1) % world, (rank - 1) % world)
-    cpu = torch.device("cpu")
-    one = hop_seconds(2 * SHARED_PORT_BYTES, peers, cpu, repeats=5)
-    two = two_peer_hop_seconds(SHARED_PORT_BYTES, peers, cpu, repeats=5)
-    return {"one_peer_s": one, "two_peers_s": two, "efficiency": shared_port_efficiency(one, two)}
+    block = 2 * SHARED_PORT_BYTES // SLOPE_FACTOR  # the probe sends SLOPE_FACTOR x block / 2 per peer
+    return measure_shared_port(block, Lanes([[r] for r in range(world)]), rank, torch.device("cpu"))
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -172,16 +172,26 @@ def timed(fn: Callable[[], None], device: torch.device, group: Any = None, repea
 # ---- compute --------------------------------------------------------------------------------
 
 
-def post_hop(send: torch.Tensor, recv: torch.Tensor, peers: tuple[int, int] | None, group: Any = None) -> list[Any]:
-    """Post one send/recv pair (irecv first, as RingComm.hop does); the works to wait on."""
-    if peers is None:
+HopSpec = tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]  # (send, recv, (send_to, recv_from))
+
+
+def post_hops(hops: list[HopSpec], group: Any = None) -> list[Any]:
+    """Post send/recv pairs at once, every receive before any send, as RingComm.hops posts a
+    step: a gloo send waits for its peer's "receive ready" notice, which travels on the same
+    TCP stream as this rank's data to that peer, so a receive posted after a send to the
+    same peer holds the reverse flow back until the send is done. Pairs without peers are
+    skipped; the works to wait on."""
+    live = [(send, recv, peers) for send, recv, peers in hops if peers is not None]
+    if not live:
         return []
-    send_to, recv_from = peers
-    ops = [
-        dist.P2POp(dist.irecv, recv, group=group, group_peer=recv_from),
-        dist.P2POp(dist.isend, send, group=group, group_peer=send_to),
-    ]
+    ops = [dist.P2POp(dist.irecv, recv, group=group, group_peer=peers[1]) for _send, recv, peers in live]
+    ops += [dist.P2POp(dist.isend, send, group=group, group_peer=peers[0]) for send, _recv, peers in live]
     return list(dist.batch_isend_irecv(ops))
+
+
+def post_hop(send: torch.Tensor, recv: torch.Tensor, peers: tuple[int, int] | None, group: Any = None) -> list[Any]:
+    """Post one send/recv pair (post_hops); the works to wait on."""
+    return post_hops([(send, recv, peers)], group)
 
 
 def measure_compute(
@@ -602,13 +612,10 @@ def two_peer_hop_seconds(
     nbytes: int, peers: tuple[int, int] | None, device: torch.device, group: Any = None, repeats: int = 5
 ) -> float:
     """Seconds of nbytes sent to each of two peers and received from each at once (peers =
-    (next, prev)), every rank with peers at once; as hop_seconds takes them. Both receives
-    are posted before either send, as RingComm.hops posts a step's hops: a gloo send waits
-    for its peer's "receive ready" notice, which travels on the same TCP stream as this
-    rank's data to that peer, so a receive posted after a send to the same peer holds the
-    reverse flow back until the send is done. Posted send-first, the probe measured 0.70 of
-    the port (median of 9, 512 KiB-4 MiB, 3-node 100 Mbit/s switch) where the ring's
-    receive-first hops get 0.90-0.99."""
+    (next, prev)), every rank with peers at once; as hop_seconds takes them. Both pairs go
+    in one post_hops, receives first: posted as two pairs, the second receive waited behind
+    the first send, and the probe measured 0.70 of the port (median of 9, 512 KiB-4 MiB,
+    3-node 100 Mbit/s switch) where the ring's receive-first hops get 0.90-0.99."""
     send = [torch.ones(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
     recv = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
 
@@ -616,13 +623,7 @@ def two_peer_hop_seconds(
         if peers is None:
             return
         nxt, prev = peers
-        ops = [
-            dist.P2POp(dist.irecv, recv[0], group=group, group_peer=prev),
-            dist.P2POp(dist.irecv, recv[1], group=group, group_peer=nxt),
-            dist.P2POp(dist.isend, send[0], group=group, group_peer=nxt),
-            dist.P2POp(dist.isend, send[1], group=group, group_peer=prev),
-        ]
-        for work in dist.batch_isend_irecv(ops):
+        for work in post_hops([(send[0], recv[0], (nxt, prev)), (send[1], recv[1], (prev, nxt))], group):
             work.wait()
 
     return timed(hop, device, group, repeats)
